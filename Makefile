@@ -1,0 +1,50 @@
+# Set-up, code generation, lint and tests. Every target creates what it needs (the venv, the protos).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU build from the local wheel cache on this machine; override on a GPU host, e.g. TORCH_SPEC=torch==2.13.0
+# with a CUDA index. Code runs on torch >= 2.4.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+PROTO_SRC := $(wildcard protos/twotower/v1/*.proto)
+PROTO_STAMP := twotower/.generated
+SETUP_STAMP := $(VENV)/.installed
+
+.PHONY: setup proto test lint format clean
+
+setup: $(SETUP_STAMP) $(PROTO_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installs only when the dependency declarations change.
+$(SETUP_STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+proto: $(PROTO_STAMP)
+
+# Generated code goes to ./twotower (gitignored): protoc's imports (`from twotower.v1 import ...`)
+# resolve as-is because the package root is on sys.path (editable install / repo root).
+$(PROTO_STAMP): $(PROTO_SRC) $(SETUP_STAMP)
+	rm -rf twotower
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
+	touch twotower/__init__.py twotower/v1/__init__.py
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf twotower $(VENV) .pytest_cache .ruff_cache

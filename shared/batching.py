@@ -1,0 +1,193 @@
+"""Dynamic micro-batching: coalesce concurrent requests into one call of a batch function.
+
+Callers `await batcher.submit(item, deadline)`; a single worker collects up to `max_batch_size` items,
+waiting at most `max_wait_s` after the first, drops items whose deadline passed or whose caller left,
+and runs `process(items)` on a worker thread (off the event loop). The queue is bounded: when full,
+`submit` raises Overloaded at once instead of letting latency and memory grow without bound.
+No grpc import: services map the errors through the interceptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from shared.errors import DeadlineExpired, NotReady, Overloaded
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    size: int  # items computed together
+    queue_wait_s: float  # oldest item's wait before compute started
+    compute_s: float  # time in `process`
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    items: int = 0
+    expired: int = 0
+    rejected: int = 0
+    sizes: list[int] = field(default_factory=list, repr=False)  # last 1024 batch sizes
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.items / self.batches if self.batches else 0.0
+
+
+@dataclass
+class _Pending(Generic[T]):
+    item: T
+    future: asyncio.Future
+    enqueued: float
+    deadline: float | None  # loop.time() after which the result is useless
+
+
+class MicroBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        process: Callable[[list[T]], Sequence[R | BaseException]],
+        *,
+        max_batch_size: int = 64,
+        max_wait_s: float = 0.002,
+        max_queue: int = 1024,
+        on_batch: Callable[[BatchReport], None] | None = None,
+        name: str = "batcher",
+    ) -> None:
+        """`process` gets 1..max_batch_size items and returns one result per item, in order; a result
+        that is an exception instance fails only that item's caller."""
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_s >= 0")
+        self._process = process
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._on_batch = on_batch
+        self._name = name
+        self._queue: asyncio.Queue[_Pending[T]] | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._inflight: list[_Pending[T]] = []  # the batch being computed (failed if stopped mid-way)
+        self.stats = BatchStats()
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize() if self._queue else 0
+
+    def start(self) -> None:
+        """Start the worker on the running event loop."""
+        if self._worker is not None:
+            return
+        self._queue = asyncio.Queue(maxsize=self.max_queue)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name=self._name)
+
+    async def stop(self) -> None:
+        """Stop the worker; queued callers get NotReady."""
+        if self._worker is None:
+            return
+        self._worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._worker
+        self._worker = None
+        assert self._queue is not None
+        leftovers = list(self._inflight)
+        while not self._queue.empty():
+            leftovers.append(self._queue.get_nowait())
+        for pending in leftovers:
+            if not pending.future.done():
+                pending.future.set_exception(NotReady(f"{self._name} is shutting down"))
+        self._inflight = []
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)  # never block the event loop
+            self._executor = None
+
+    async def submit(self, item: T, deadline: float | None = None) -> R:
+        """Queue `item` and wait for its result. `deadline` is in `loop.time()` seconds."""
+        if self._queue is None or self._worker is None:
+            raise NotReady(f"{self._name} is not running")
+        loop = asyncio.get_running_loop()
+        pending = _Pending(item, loop.create_future(), loop.time(), deadline)
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            self.stats.rejected += 1
+            raise Overloaded(f"{self._name}: {self.max_queue} requests already queued; retry later") from None
+        return await pending.future  # cancelled by the caller: the worker skips it
+
+    async def _collect(self) -> list[_Pending[T]]:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        batch = [await self._queue.get()]
+        close_at = loop.time() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = close_at - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    def _live(self, batch: list[_Pending[T]], now: float) -> list[_Pending[T]]:
+        live = []
+        for pending in batch:
+            if pending.future.done():  # caller cancelled (e.g. client went away)
+                continue
+            if pending.deadline is not None and now >= pending.deadline:
+                self.stats.expired += 1
+                pending.future.set_exception(DeadlineExpired("deadline passed while queued; not computed"))
+                continue
+            live.append(pending)
+        return live
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = self._live(await self._collect(), loop.time())
+            if not batch:
+                continue
+            self._inflight = batch
+            items = [p.item for p in batch]
+            started = loop.time()
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, self._process, items)
+                if len(results) != len(items):
+                    raise RuntimeError(
+                        f"batch function returned {len(results)} results for {len(items)} items"
+                    )
+            except Exception as exc:  # the whole batch failed: every caller gets the error
+                logger.exception("%s: batch of %d failed", self._name, len(items))
+                results = [exc] * len(items)
+            compute_s = time.perf_counter() - t0
+            self._inflight = []
+            for pending, result in zip(batch, results, strict=True):
+                if pending.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    pending.future.set_exception(result)
+                else:
+                    pending.future.set_result(result)
+            self.stats.batches += 1
+            self.stats.items += len(items)
+            self.stats.sizes = [*self.stats.sizes[-1023:], len(items)]
+            if self._on_batch is not None:
+                self._on_batch(BatchReport(len(items), started - batch[0].enqueued, compute_s))

@@ -1,0 +1,31 @@
+"""Domain errors. No grpc import: the server interceptor maps each class to a status code."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class of errors whose message is safe to show to the caller."""
+
+
+class InvalidInput(ServiceError):
+    """The request is malformed or breaks a documented limit (INVALID_ARGUMENT)."""
+
+
+class NotReady(ServiceError):
+    """The service cannot answer yet or a dependency is away (UNAVAILABLE)."""
+
+
+class ModelMismatch(ServiceError):
+    """Embeddings of two different model fingerprints were combined (FAILED_PRECONDITION)."""
+
+
+class Overloaded(ServiceError):
+    """A bounded queue is full; the caller should back off and retry (RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExpired(ServiceError):
+    """The request's deadline passed before it was computed (DEADLINE_EXCEEDED)."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, corrupt or does not match the model (raised at load, not per request)."""

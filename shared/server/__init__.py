@@ -1,0 +1,1 @@
+"""gRPC server bootstrap shared by the three services."""

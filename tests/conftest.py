@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny model configs and checkpoints so tests stay fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared.model.checkpoint import random_model, save_checkpoint
+from shared.model.config import TowerConfig
+
+TINY = dict(
+    emb_dim=16, history_len=8, user_vocab_size=257, post_vocab_size=509, author_vocab_size=127,
+    num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8,
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_config() -> TowerConfig:
+    return TowerConfig(**TINY)
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    return random_model(tiny_config, seed=0)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_model):
+    path = tmp_path / "ckpt"
+    save_checkpoint(tiny_model, path)
+    return path

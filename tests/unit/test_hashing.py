@@ -1,0 +1,54 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.model.hashing import HASH_CONSTANTS, MERSENNE_61, hash_ids, hash_reference
+
+IDS = [1, 2, 42, 943, 1682, 10**9 + 7, 1_790_000_000_000_000_000, 2**63 - 1, MERSENNE_61, MERSENNE_61 + 5]
+
+
+def test_matches_formula_by_hand():
+    # ((x * a + b) mod p) mod (V - 1) + 1, written out for one id
+    a, b = HASH_CONSTANTS[0]
+    assert hash_reference(42, 0, 1000) == ((42 * a + b) % (2**61 - 1)) % 999 + 1
+    got = hash_ids(np.array(IDS, dtype=np.int64), num_hashes=2, vocab_size=1000)
+    want = [[hash_reference(x, j, 1000) for j in range(2)] for x in IDS]
+    assert got.tolist() == want
+
+
+def test_matches_reference_on_random_64bit_ids():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 2**63 - 1, size=2000, dtype=np.int64)
+    got = hash_ids(ids, num_hashes=4, vocab_size=65_536)
+    for x, row in zip(ids.tolist(), got.tolist(), strict=True):
+        assert row == [hash_reference(x, j, 65_536) for j in range(4)]
+
+
+def test_zero_is_padding_and_range():
+    got = hash_ids(np.array([[0, 5], [7, 0]]), num_hashes=2, vocab_size=10)
+    assert got.shape == (2, 2, 2)
+    assert got[0, 0].tolist() == [0, 0] and got[1, 1].tolist() == [0, 0]
+    assert ((got[0, 1] >= 1) & (got[0, 1] < 10)).all()
+
+
+def test_hashes_of_one_id_differ():
+    got = hash_ids(np.arange(1, 1001), num_hashes=2, vocab_size=1 << 20)
+    assert (got[:, 0] != got[:, 1]).mean() > 0.99
+
+
+def test_negative_ids_rejected():
+    with pytest.raises(ValueError, match=">= 0"):
+        hash_ids(np.array([3, -1]), 2, 100)
+
+
+def test_same_values_in_a_fresh_process():
+    code = (
+        "import numpy as np; from shared.model.hashing import hash_ids; "
+        f"print(hash_ids(np.array({IDS}, dtype=np.int64), 2, 65536).tolist())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONHASHSEED": "123"}, cwd=Path(__file__).parents[2])  # fmt: skip
+    assert out.stdout.strip() == str(hash_ids(np.array(IDS, dtype=np.int64), 2, 65536).tolist())
