@@ -45,12 +45,22 @@ class ServerOptions:
         ]
 
 
+class _NotServingHealthServicer(health.aio.HealthServicer):
+    """grpc's aio HealthServicer starts with "" = SERVING; ours starts with every name NOT_SERVING, so a
+    probe that arrives before the service is ready is never told otherwise."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__()
+        # No watcher can exist before the server starts, so setting the table directly is safe here.
+        self._server_status = {name: health_pb2.HealthCheckResponse.NOT_SERVING for name in names}
+
+
 class Health:
     """The service's grpc.health.v1 state: NOT_SERVING until `set_serving(True)`."""
 
     def __init__(self, service_names: Sequence[str]) -> None:
-        self.servicer = health.aio.HealthServicer()
         self.names = ["", *service_names]  # "" = the server as a whole
+        self.servicer = _NotServingHealthServicer(self.names)
         self.serving = False
 
     async def set_serving(self, serving: bool) -> None:

@@ -70,3 +70,26 @@ def test_mapping_through_a_live_server():
             await graceful_stop(server, health, 0)
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_health_is_not_serving_until_set():
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async def main():
+        server, port, health = create_grpc_server(ServerOptions(), [SERVICE], _register)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                statuses = []
+                for _ in range(2):
+                    for name in ("", SERVICE):
+                        reply = await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+                        statuses.append(reply.status)
+                    await health.set_serving(True)
+        finally:
+            await graceful_stop(server, health, 0)
+        NOT, OK = health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING
+        assert statuses == [NOT, NOT, OK, OK]
+
+    asyncio.run(asyncio.wait_for(main(), 30))

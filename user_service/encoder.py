@@ -1,0 +1,97 @@
+"""The user tower on its device: validated user contexts in, [B, D] embeddings out. No grpc import.
+
+Featurization (hashing, padding to the last S events) runs here, inside the batch, so that its numpy
+work is vectorised over every user of a forward pass instead of being paid per request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shared.errors import CheckpointError
+from shared.model.checkpoint import LoadedModel, load_checkpoint
+from shared.model.config import TowerConfig
+from shared.model.features import UserContext, featurize_users
+from shared.model.towers import TwoTowerModel
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` = cuda when present, else cpu; asking for cuda without one is a start-up error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    fingerprint: str  # 16 hex chars, from the checkpoint
+    embedding_dim: int  # D
+
+
+class UserEncoder:
+    """Runs the user tower. `encode` is called from the batcher's single worker thread only."""
+
+    def __init__(
+        self, model: TwoTowerModel, fingerprint: str, device: torch.device, dtype: torch.dtype,
+        max_history_events: int,
+    ) -> None:  # fmt: skip
+        self.config: TowerConfig = model.config
+        self.identity = ModelIdentity(fingerprint, model.config.emb_dim)
+        self.device = device
+        self.dtype = dtype  # of the weights and of the returned embeddings
+        self.max_history_events = max_history_events
+        self._model = model.to(device=device, dtype=dtype).eval()
+
+    @classmethod
+    def from_loaded(
+        cls, loaded: LoadedModel, device: torch.device, dtype: torch.dtype, max_history_events: int
+    ) -> UserEncoder:
+        return cls(loaded.model, loaded.fingerprint, device, dtype, max_history_events)
+
+    def encode(self, contexts: Sequence[UserContext]) -> torch.Tensor:
+        """B validated contexts -> [B, D] unit-norm embeddings on the cpu, in `self.dtype`."""
+        features = featurize_users(contexts, self.config, self.max_history_events).to(self.device)
+        with torch.inference_mode():
+            out = self._model.encode_users(features)  # [B, D]
+        return out.cpu()
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Run full-history batches of each size once, so the first real request does not pay for
+        lazy initialisation (allocator, kernels, cuda context)."""
+        s, a = self.config.history_len, self.config.num_actions
+        for b in batch_sizes:
+            ctx = UserContext(
+                user_id=1,
+                post_ids=np.arange(1, s + 1, dtype=np.int64),
+                author_ids=np.arange(1, s + 1, dtype=np.int64),
+                actions=np.eye(s, a, dtype=bool),
+                surfaces=np.zeros(s, dtype=np.int64),
+            )
+            out = self.encode([ctx] * b)
+            if not torch.isfinite(out.float()).all():
+                raise CheckpointError("warm-up produced non-finite embeddings: the checkpoint is broken")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def load_encoder(checkpoint: str, device: str, dtype: str, max_history_events: int) -> UserEncoder:
+    """Load and verify the checkpoint and move it to the device (blocking: call off the event loop)."""
+    loaded = load_checkpoint(checkpoint)
+    target = resolve_device(device)
+    encoder = UserEncoder.from_loaded(loaded, target, TORCH_DTYPES[dtype], max_history_events)
+    logger.info(
+        "loaded checkpoint %s (fingerprint %s, D=%d, S=%d) on %s as %s",
+        checkpoint, loaded.fingerprint, loaded.config.emb_dim, loaded.config.history_len, target, dtype,
+    )  # fmt: skip
+    return encoder

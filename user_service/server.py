@@ -1,0 +1,105 @@
+"""user_service server: bind -> start (health NOT_SERVING) -> load + warm up (SERVING) -> graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+import torch
+
+from shared.server.bootstrap import create_grpc_server, graceful_stop, start_metrics_http, wait_for_signal
+from shared.server.portfile import write_port_file
+from twotower.v1 import user_tower_pb2, user_tower_pb2_grpc
+from user_service.config import UserServiceConfig
+from user_service.encoder import UserEncoder, load_encoder
+from user_service.service import EncodingService
+from user_service.servicer import UserTowerServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = user_tower_pb2.DESCRIPTOR.services_by_name["UserTower"].full_name
+
+EncoderFactory = Callable[[UserServiceConfig], UserEncoder]
+
+
+def default_encoder_factory(config: UserServiceConfig) -> UserEncoder:
+    return load_encoder(str(config.checkpoint), config.device, config.dtype, config.max_history_events)
+
+
+class UserServer:
+    """The gRPC server plus the state readiness needs; in-process tests drive it on port 0.
+
+    `load_encoder` is injectable so tests can slow or gate the model; it runs on a worker thread."""
+
+    def __init__(self, config: UserServiceConfig, load_encoder: EncoderFactory = default_encoder_factory):
+        self.config = config
+        self._load_encoder = load_encoder
+        self.service = EncodingService(
+            max_batch_size=config.max_batch_size,
+            max_wait_s=config.max_wait_ms / 1000.0,
+            max_queue=config.max_queue,
+            max_users_per_call=config.max_users_per_call,
+        )
+        servicer = UserTowerServicer(self.service)
+        self.server, self.port, self.health = create_grpc_server(
+            config.server,
+            [SERVICE_NAME],
+            lambda s: user_tower_pb2_grpc.add_UserTowerServicer_to_server(servicer, s),
+        )
+
+    async def start(self) -> None:
+        """Listen at once (health answers NOT_SERVING, EncodeUsers UNAVAILABLE) while loading."""
+        # grpc's HealthServicer answers SERVING for "" until told otherwise: say NOT_SERVING first.
+        await self.health.set_serving(False)
+        self.service.start()
+        await self.server.start()
+
+    async def load(self) -> None:
+        """Load the checkpoint and run the warm-up off the event loop, then report SERVING."""
+        encoder = await asyncio.to_thread(self._load_encoder, self.config)
+        sizes = sorted({1, self.config.max_batch_size})
+        await asyncio.to_thread(encoder.warm_up, sizes)
+        self.service.set_encoder(encoder)
+        await self.health.set_serving(True)
+        logger.info("user tower ready on port %d (warm-up batch sizes %s)", self.port, sizes)
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight ones finish (the batcher keeps running until the
+        grace period ends), then stop the batcher."""
+        grace = self.config.server.grace_seconds if grace_seconds is None else grace_seconds
+        await graceful_stop(self.server, self.health, grace)
+        await self.service.stop()
+
+
+def create_server(
+    config: UserServiceConfig, load_encoder: EncoderFactory = default_encoder_factory
+) -> tuple[grpc.aio.Server, int, UserServer]:
+    """Build (not start) the server; returns the grpc server, the bound port and the lifecycle object."""
+    app = UserServer(config, load_encoder)
+    return app.server, app.port, app
+
+
+async def serve(config: UserServiceConfig) -> None:
+    """Run until SIGTERM/SIGINT. Raises CheckpointError (after stopping) if the model cannot load."""
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    _server, port, app = create_server(config)
+    await app.start()
+    metrics_port = start_metrics_http(config.server.host, config.server.metrics_port)
+    write_port_file(config.port_file, port)
+    logger.info("user_service listening on %s:%d (metrics port %s)", config.server.host, port, metrics_port)
+    loading = asyncio.create_task(app.load(), name="load-user-tower")
+    stop_signal = asyncio.create_task(wait_for_signal(), name="wait-for-signal")
+    try:
+        await asyncio.wait({loading, stop_signal}, return_when=asyncio.FIRST_COMPLETED)
+        if loading.done():
+            loading.result()  # re-raises a load or warm-up failure
+        sig = await stop_signal
+        logger.info("signal %d: stopping (grace %.1fs)", sig, config.server.grace_seconds)
+    finally:
+        for task in (loading, stop_signal):
+            task.cancel()
+        await app.stop()
+        logger.info("user_service stopped")
