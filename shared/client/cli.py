@@ -1,0 +1,208 @@
+"""`twotower`: command-line client of the stack.
+
+    twotower retrieve --user-id 42 --history 50:favorite,click 172:click -k 10 --exclude-history
+    twotower retrieve --movielens-user 42 -k 10          # history taken from the MovieLens artifacts
+    twotower upsert --post-id 5000 --attr title="New movie" --attr year=2026
+    twotower upsert --file more_items.jsonl
+    twotower delete 5000 5001
+    twotower status
+    twotower health 127.0.0.1:50051                      # exit 0 iff SERVING
+
+Addresses default to the stack's ports and can be set by flags or TWOTOWER_GATEWAY,
+TWOTOWER_CANDIDATE, TWOTOWER_USER_SERVICE. Errors print one line (no traceback) and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from shared.client.library import HistoryEvent, RetrieveResult, TwoTowerClient, health
+
+DEFAULT_GATEWAY = "127.0.0.1:50051"
+DEFAULT_USER_SERVICE = "127.0.0.1:50052"
+DEFAULT_CANDIDATE = "127.0.0.1:50053"
+DEFAULT_ARTIFACTS = "artifacts/movielens"
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line."""
+
+
+def parse_history(specs: Sequence[str]) -> list[HistoryEvent]:
+    """`POST[:action,action][@AUTHOR]` per event, oldest first; actions by name or id."""
+    events = []
+    for spec in specs:
+        head, _, author = spec.partition("@")
+        post, _, actions = head.partition(":")
+        try:
+            parsed = [int(a) if a.isdigit() else a for a in actions.split(",") if a]
+            events.append(HistoryEvent(post_id=int(post), author_id=int(author or 0), actions=tuple(parsed)))
+        except ValueError:
+            raise UsageError(f"bad --history event {spec!r}: expected POST[:action,...][@AUTHOR]") from None
+    return events
+
+
+def movielens_history(artifacts: Path, user_id: int) -> list[HistoryEvent]:
+    """The user's whole MovieLens history (oldest first) from the training artifacts."""
+    path = artifacts / "histories.jsonl"
+    if not path.is_file():
+        raise UsageError(f"{path} not found: run `make train` (or `make run-stack`) first")
+    with path.open() as f:
+        for line in f:
+            record = json.loads(line)
+            if record["user_id"] == user_id:
+                return [
+                    HistoryEvent(
+                        post_id=e["post_id"],
+                        actions=tuple(e.get("actions", ())),
+                        timestamp_ms=e.get("timestamp_ms", 0),
+                    )
+                    for e in record["history"]
+                ]
+    raise UsageError(f"MovieLens user {user_id} not found in {path}")
+
+
+def format_result(result: RetrieveResult) -> str:
+    lines = [f"{'rank':>4}  {'score':>7}  {'post id':>8}  {'year':>4}  title"]
+    for rank, item in enumerate(result.items, start=1):
+        title = item.attributes.get("title", "")
+        year = item.attributes.get("year", "")
+        lines.append(f"{rank:>4}  {item.score:>7.4f}  {item.post_id:>8}  {year:>4}  {title}")
+    lines.append(f"corpus version {result.corpus_version} · model {result.model_fingerprint}")
+    return "\n".join(lines)
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twotower", description="Client of the two-tower serving stack.")
+    parser.add_argument("--gateway", default=os.environ.get("TWOTOWER_GATEWAY", DEFAULT_GATEWAY))
+    parser.add_argument("--candidate", default=os.environ.get("TWOTOWER_CANDIDATE", DEFAULT_CANDIDATE))
+    parser.add_argument(
+        "--user-service", default=os.environ.get("TWOTOWER_USER_SERVICE", DEFAULT_USER_SERVICE)
+    )
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("retrieve", help="top-k items for a user")
+    who = r.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user-id", type=int, help="user id; give the history with --history")
+    who.add_argument("--movielens-user", type=int, help="a MovieLens user id: history from the artifacts")
+    r.add_argument("--history", nargs="*", default=[], metavar="POST[:ACTIONS][@AUTHOR]")
+    r.add_argument("--artifacts", default=os.environ.get("TWOTOWER_ARTIFACTS", DEFAULT_ARTIFACTS))
+    r.add_argument("-k", type=int, default=10)
+    r.add_argument("--exclude", type=_ids, default=[], metavar="ID,ID", help="post ids never to return")
+    r.add_argument("--exclude-authors", type=_ids, default=[], metavar="ID,ID")
+    r.add_argument("--exclude-history", action="store_true", help="do not return posts from the history")
+
+    u = sub.add_parser("upsert", help="add or replace items in the corpus")
+    u.add_argument("--post-id", type=int)
+    u.add_argument("--author-id", type=int, default=0)
+    u.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE")
+    u.add_argument("--file", type=Path, help="JSONL items file (one item per line)")
+
+    d = sub.add_parser("delete", help="remove items from the corpus")
+    d.add_argument("post_ids", type=int, nargs="+")
+
+    sub.add_parser("status", help="health and corpus info of all three services")
+
+    h = sub.add_parser("health", help="exit 0 if the server at ADDRESS is SERVING (for health checks)")
+    h.add_argument("address")
+    return parser
+
+
+def _items_from_args(args: argparse.Namespace) -> list[dict]:
+    if args.file:
+        try:
+            return [json.loads(line) for line in args.file.read_text().splitlines() if line.strip()]
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"cannot read items from {args.file}: {exc}") from None
+    if args.post_id is None:
+        raise UsageError("upsert needs --post-id or --file")
+    attrs = {}
+    for pair in args.attr:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UsageError(f"bad --attr {pair!r}: expected KEY=VALUE")
+        attrs[key] = value
+    return [{"post_id": args.post_id, "author_id": args.author_id, "attributes": attrs}]
+
+
+def run(args: argparse.Namespace) -> str:
+    with TwoTowerClient(gateway=args.gateway, candidate=args.candidate, timeout=args.timeout) as client:
+        if args.command == "retrieve":
+            if args.movielens_user is not None:
+                user_id, history = (
+                    args.movielens_user,
+                    movielens_history(Path(args.artifacts), args.movielens_user),
+                )
+            else:
+                user_id, history = args.user_id, parse_history(args.history)
+            result = client.retrieve(
+                user_id, history, k=args.k, exclude_post_ids=args.exclude,
+                exclude_history=args.exclude_history, exclude_author_ids=args.exclude_authors,
+            )  # fmt: skip
+            return f"user {user_id}, {len(history)} history events\n" + format_result(result)
+        if args.command == "upsert":
+            r = client.upsert(_items_from_args(args))
+            return f"corpus version {r.version}: {r.inserted} inserted, {r.updated} updated"
+        if args.command == "delete":
+            r = client.delete(args.post_ids)
+            unknown = f", unknown ids: {list(r.unknown_post_ids)}" if r.unknown_post_ids else ""
+            return f"corpus version {r.version}: {r.deleted} deleted{unknown}"
+        return _status(client, args)
+
+
+def _status(client: TwoTowerClient, args: argparse.Namespace) -> str:
+    lines = [
+        f"{'service':<18} {'address':<22} health",
+        f"{'retrieval_gateway':<18} {args.gateway:<22} {health(args.gateway)}",
+        f"{'user_service':<18} {args.user_service:<22} {health(args.user_service)}",
+        f"{'candidate_service':<18} {args.candidate:<22} {health(args.candidate)}",
+    ]
+    for name, call in (("gateway", client.gateway_status), ("corpus", client.corpus_info)):
+        try:
+            info = call()
+            fields = " ".join(f"{k}={v}" for k, v in _fields(info))
+            lines.append(f"{name}: {fields}")
+        except grpc.RpcError as exc:
+            lines.append(f"{name}: unavailable ({exc.code().name})")
+    return "\n".join(lines)
+
+
+def _fields(message) -> list[tuple[str, object]]:
+    return [(f.name, value) for f, value in message.ListFields()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "health":  # no client needed; used by container health checks
+        status = health(args.address, timeout=args.timeout)
+        print(status)
+        return 0 if status == "SERVING" else 1
+    try:
+        print(run(args))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        detail = exc.details() if hasattr(exc, "details") else str(exc)
+        print(f"error: {exc.code().name}: {detail}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+import json
+import socket
+
+import pytest
+
+from shared.client import cli
+from shared.client.library import RetrievedItem, RetrieveResult
+from shared.stack import main as stack_main
+
+
+def test_parse_history():
+    events = cli.parse_history(["50:favorite,click", "7@3", "9:4"])
+    assert [(e.post_id, e.author_id, e.actions) for e in events] == [
+        (50, 0, ("favorite", "click")),
+        (7, 3, ()),
+        (9, 0, (4,)),
+    ]
+    with pytest.raises(cli.UsageError, match="bad --history event 'x:1'"):
+        cli.parse_history(["x:1"])
+
+
+def test_format_result_is_a_readable_table():
+    result = RetrieveResult(
+        [RetrievedItem(50, 0, 0.91234, {"title": "Star Wars (1977)", "year": "1977"})], 12, "abcd1234abcd1234"
+    )
+    text = cli.format_result(result)
+    assert "   1   0.9123        50  1977  Star Wars (1977)" in text
+    assert "corpus version 12" in text and "abcd1234abcd1234" in text
+
+
+def test_movielens_history_from_artifacts(tmp_path):
+    record = {"user_id": 42, "history": [{"post_id": 5, "actions": ["click"], "timestamp_ms": 1000}]}
+    (tmp_path / "histories.jsonl").write_text(json.dumps(record) + "\n")
+    events = cli.movielens_history(tmp_path, 42)
+    assert events[0].post_id == 5 and events[0].actions == ("click",)
+    with pytest.raises(cli.UsageError, match="user 43 not found"):
+        cli.movielens_history(tmp_path, 43)
+    with pytest.raises(cli.UsageError, match="make train"):
+        cli.movielens_history(tmp_path / "missing", 42)
+
+
+def _dead_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"  # closed when the block exits: nothing listens
+
+
+def test_unreachable_gateway_is_one_line(capsys):
+    code = cli.main(["--gateway", _dead_address(), "--timeout", "1", "retrieve", "--user-id", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("error: UNAVAILABLE") and "\n" not in err
+
+
+def test_bad_usage_is_one_line(capsys):
+    assert cli.main(["--candidate", _dead_address(), "upsert"]) == 1
+    assert capsys.readouterr().err.strip() == "error: upsert needs --post-id or --file"
+
+
+def test_health_command_of_nothing_fails(capsys):
+    assert cli.main(["--timeout", "0.5", "health", _dead_address()]) == 1
+    assert capsys.readouterr().out.strip() == "UNREACHABLE"
+
+
+def test_stack_refuses_a_taken_port(tmp_path, capsys):
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "items.jsonl").write_text("")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        code = stack_main(
+            ["--artifacts", str(tmp_path), "--gateway-port", str(port), "--log-dir", str(tmp_path)]
+        )
+    assert code == 1
+    assert f"port already in use: retrieval_gateway port {port}" in capsys.readouterr().err
+
+
+def test_stack_without_artifacts_says_what_to_do(tmp_path, capsys):
+    assert stack_main(["--artifacts", str(tmp_path / "none")]) == 1
+    assert "run `make train` first" in capsys.readouterr().err
