@@ -1,0 +1,109 @@
+"""`python -m candidate_service --checkpoint DIR --items FILE --cache-dir DIR [...]`:
+flags (with env-var fallbacks) -> config -> serve."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from candidate_service.config import DEFAULT_ENCODE_BATCH_SIZE, DEFAULT_MAX_BATCH_ITEMS, CandidateConfig
+from candidate_service.encoder import EncodingStopped
+from candidate_service.items_file import ItemsFileError
+from candidate_service.persistence import CacheError
+from candidate_service.server import serve
+from shared.errors import CheckpointError
+from shared.server.bootstrap import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions
+from shared.server.logs import configure_logging
+
+logger = logging.getLogger("candidate_service")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    e = os.environ.get  # argparse applies `type` to string defaults: a bad env value is a usage error
+    p = argparse.ArgumentParser(prog="python -m candidate_service", description=__doc__)
+    p.add_argument(
+        "--checkpoint", default=e("TWOTOWER_CHECKPOINT"), help="checkpoint dir (env TWOTOWER_CHECKPOINT)"
+    )
+    p.add_argument(
+        "--items", default=e("CANDIDATE_ITEMS"), help="items file, JSONL or .parquet (env CANDIDATE_ITEMS)"
+    )
+    p.add_argument(
+        "--cache-dir", default=e("CANDIDATE_CACHE_DIR"), help="embeddings cache (env CANDIDATE_CACHE_DIR)"
+    )
+    batch = str(DEFAULT_ENCODE_BATCH_SIZE)
+    p.add_argument("--encode-batch-size", type=int, default=e("CANDIDATE_ENCODE_BATCH_SIZE", batch),
+                   help="items per forward pass when encoding the corpus")  # fmt: skip
+    p.add_argument(
+        "--max-batch-items", type=int, default=e("CANDIDATE_MAX_BATCH_ITEMS", str(DEFAULT_MAX_BATCH_ITEMS)),
+        help="items (or ids) per EncodeItems/UpsertItems/DeleteItems call; more is INVALID_ARGUMENT",
+    )  # fmt: skip
+    p.add_argument("--delta-ring-size", type=int, default=e("CANDIDATE_DELTA_RING_SIZE", "1024"),
+                   help="recent deltas kept for watchers that resume")  # fmt: skip
+    p.add_argument("--watcher-queue-size", type=int, default=e("CANDIDATE_WATCHER_QUEUE_SIZE", "256"),
+                   help="deltas queued per watcher before it gets a fresh snapshot instead")  # fmt: skip
+    p.add_argument("--compact-after-deltas", type=int, default=e("CANDIDATE_COMPACT_AFTER_DELTAS", "10000"),
+                   help="fold the delta log into a new snapshot after this many records")  # fmt: skip
+    p.add_argument("--torch-threads", type=int, default=e("CANDIDATE_TORCH_THREADS"))
+    p.add_argument("--host", default=e("CANDIDATE_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=e("CANDIDATE_PORT", "50053"), help="0 = any free port")
+    p.add_argument("--port-file", type=Path, default=None, help="write the bound port here once listening")
+    p.add_argument("--metrics-port", type=int, default=e("CANDIDATE_METRICS_PORT"),
+                   help="Prometheus HTTP port (off when not given)")  # fmt: skip
+    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    p.add_argument("--grace-seconds", type=float, default=5.0)
+    p.add_argument("--log-level", default=e("CANDIDATE_LOG_LEVEL", "INFO"))
+    args = p.parse_args(argv)
+    for flag, env in (("checkpoint", "TWOTOWER_CHECKPOINT"), ("items", "CANDIDATE_ITEMS"),
+                      ("cache_dir", "CANDIDATE_CACHE_DIR")):  # fmt: skip
+        if not getattr(args, flag):
+            p.error(f"--{flag.replace('_', '-')} (or {env}) is required")
+    return args
+
+
+def config_from_args(args: argparse.Namespace) -> CandidateConfig:
+    return CandidateConfig(
+        checkpoint=Path(args.checkpoint),
+        items=Path(args.items),
+        cache_dir=Path(args.cache_dir),
+        encode_batch_size=args.encode_batch_size,
+        max_batch_items=args.max_batch_items,
+        delta_ring_size=args.delta_ring_size,
+        watcher_queue_size=args.watcher_queue_size,
+        compact_after_deltas=args.compact_after_deltas,
+        torch_threads=args.torch_threads,
+        port_file=args.port_file,
+        server=ServerOptions(
+            host=args.host,
+            port=args.port,
+            max_message_bytes=args.max_message_bytes,
+            grace_seconds=args.grace_seconds,
+            metrics_port=args.metrics_port,
+        ),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"candidate_service: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(config))
+    except (CheckpointError, ItemsFileError, CacheError, OSError) as exc:
+        logger.error("candidate_service cannot start: %s", exc)
+        return 1
+    except EncodingStopped:
+        logger.info("stopped while encoding the corpus")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""candidate_service server: bind -> start (NOT_SERVING) -> load model + corpus (SERVING) -> graceful stop.
+
+Loading runs on a worker thread after the server listens, so health can be probed while a large corpus
+is encoded; EncodeItems works as soon as the model is loaded, the corpus RPCs once the corpus is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import torch
+
+from candidate_service.config import CandidateConfig
+from candidate_service.corpus import CandidateCore
+from candidate_service.servicer import CandidateTowerServicer
+from shared.server.bootstrap import create_grpc_server, graceful_stop, start_metrics_http, wait_for_signal
+from shared.server.portfile import write_port_file
+from twotower.v1 import candidate_tower_pb2, candidate_tower_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = candidate_tower_pb2.DESCRIPTOR.services_by_name["CandidateTower"].full_name
+
+
+class CandidateServer:
+    """The gRPC server plus the core and its readiness; in-process tests drive it on port 0."""
+
+    def __init__(self, config: CandidateConfig) -> None:
+        self.config = config
+        self.core = CandidateCore(config)
+        servicer = CandidateTowerServicer(self.core)
+        self.server, self.port, self.health = create_grpc_server(
+            config.server,
+            [SERVICE_NAME],
+            lambda s: candidate_tower_pb2_grpc.add_CandidateTowerServicer_to_server(servicer, s),
+        )
+
+    async def start(self) -> None:
+        # grpc's HealthServicer answers SERVING for "" until told otherwise: say NOT_SERVING first.
+        await self.health.set_serving(False)
+        await self.server.start()
+
+    async def load(self) -> None:
+        """Load the model, then load or build the corpus (off the event loop), then report SERVING."""
+        await asyncio.to_thread(self.core.load_model)
+        await asyncio.to_thread(self.core.load_corpus)
+        await self.health.set_serving(True)
+        info = self.core.info()
+        logger.info(
+            "candidate corpus ready on port %d: %d items, version %d, model %s",
+            self.port, info.num_items, info.version, info.fingerprint,
+        )  # fmt: skip
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        grace = self.config.server.grace_seconds if grace_seconds is None else grace_seconds
+        self.core.request_stop()  # watch streams end now rather than at the end of the grace period
+        await graceful_stop(self.server, self.health, grace)
+        self.core.close()
+
+
+def create_server(config: CandidateConfig) -> tuple[grpc.aio.Server, int, CandidateServer]:
+    """Build (not start) the server; returns the grpc server, the bound port and the lifecycle object."""
+    app = CandidateServer(config)
+    return app.server, app.port, app
+
+
+async def serve(config: CandidateConfig) -> None:
+    """Run until SIGTERM/SIGINT. A load failure (checkpoint, items file) is re-raised after stopping."""
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    _server, port, app = create_server(config)
+    await app.start()
+    metrics_port = start_metrics_http(config.server.host, config.server.metrics_port)
+    write_port_file(config.port_file, port)
+    logger.info(
+        "candidate_service listening on %s:%d (metrics port %s)", config.server.host, port, metrics_port
+    )
+    loading = asyncio.create_task(app.load(), name="load-corpus")
+    stop_signal = asyncio.create_task(wait_for_signal(), name="wait-for-signal")
+    try:
+        await asyncio.wait({loading, stop_signal}, return_when=asyncio.FIRST_COMPLETED)
+        if loading.done():
+            loading.result()  # re-raises a load failure
+        sig = await stop_signal
+        logger.info("signal %d: stopping (grace %.1fs)", sig, config.server.grace_seconds)
+    finally:
+        for task in (loading, stop_signal):
+            task.cancel()
+        await app.stop()
+        logger.info("candidate_service stopped")

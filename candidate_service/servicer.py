@@ -1,0 +1,55 @@
+"""CandidateTower servicer: validate -> convert -> delegate to CandidateCore -> convert back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+
+from candidate_service import wire
+from candidate_service.corpus import CandidateCore, SnapshotPart
+from shared import codec
+from shared.convert import item_columns_from_proto
+from twotower.v1 import candidate_tower_pb2 as pb
+from twotower.v1 import candidate_tower_pb2_grpc, common_pb2
+
+
+class CandidateTowerServicer(candidate_tower_pb2_grpc.CandidateTowerServicer):
+    def __init__(self, core: CandidateCore) -> None:
+        self.core = core
+
+    async def EncodeItems(self, request: pb.EncodeItemsRequest, context: grpc.aio.ServicerContext):
+        post_ids, author_ids, _ = item_columns_from_proto(request.items, self.core.config.max_batch_items)
+        embeddings = await self.core.encode(post_ids, author_ids)
+        encoder = self.core.encoder
+        assert encoder is not None  # encode() raised NotReady otherwise
+        return pb.EncodeItemsResponse(
+            embeddings=codec.encode(embeddings),
+            model=common_pb2.ModelInfo(fingerprint=encoder.fingerprint, embedding_dim=encoder.dim),
+        )
+
+    async def UpsertItems(self, request: pb.UpsertItemsRequest, context: grpc.aio.ServicerContext):
+        post_ids, author_ids, attributes = item_columns_from_proto(
+            request.items, self.core.config.max_batch_items
+        )
+        result = await self.core.upsert(post_ids, author_ids, [a or None for a in attributes])
+        return pb.UpsertItemsResponse(
+            version=result.version, inserted=result.inserted, updated=result.updated
+        )
+
+    async def DeleteItems(self, request: pb.DeleteItemsRequest, context: grpc.aio.ServicerContext):
+        post_ids = np.fromiter(request.post_ids, dtype=np.int64, count=len(request.post_ids))
+        result = await self.core.delete(post_ids)
+        return pb.DeleteItemsResponse(
+            version=result.version, deleted=result.deleted, unknown_post_ids=result.unknown_post_ids
+        )
+
+    async def GetCorpusInfo(self, request: pb.GetCorpusInfoRequest, context: grpc.aio.ServicerContext):
+        return wire.corpus_info(self.core.info())
+
+    async def WatchCorpus(
+        self, request: pb.WatchCorpusRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CorpusEvent]:
+        async for event in self.core.watch(request.known_version, request.known_fingerprint):
+            yield wire.snapshot_event(event) if isinstance(event, SnapshotPart) else wire.delta_event(event)

@@ -1,0 +1,311 @@
+"""candidate_service core pieces without grpc: items file, in-memory store, snapshot file, delta log."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from candidate_service.items_file import ItemsFileError, read_items
+from candidate_service.persistence import (
+    LOG_FILE,
+    SNAPSHOT_FILE,
+    CacheError,
+    DeltaLog,
+    atomic_write,
+    encode_record,
+    read_log,
+    read_snapshot,
+    write_snapshot,
+)
+from candidate_service.store import CorpusStore, Delta
+from shared.errors import InvalidInput
+
+D = 4
+
+
+def make_store(n: int = 5, version: int = 10) -> CorpusStore:
+    ids = np.arange(1, n + 1, dtype=np.int64)
+    emb = np.random.default_rng(0).standard_normal((n, D)).astype(np.float32)
+    attrs = [{"title": f"t{i}"} if i % 2 else None for i in range(n)]
+    return CorpusStore.from_rows("fp", version, ids, ids * 10, emb, attrs)
+
+
+def upsert(store: CorpusStore, ids: list[int], value: float = 1.0) -> Delta:
+    ids_arr = np.asarray(ids, dtype=np.int64)
+    emb = np.full((len(ids), D), value, dtype=np.float32)
+    delta, _ = store.upsert_delta(ids_arr, ids_arr + 100, emb, [{"k": "v"}] * len(ids))
+    store.apply(delta)
+    return delta
+
+
+# -- items file ----------------------------------------------------------------------------------------
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_items_file_reads_all_fields_and_skips_blank_lines(tmp_path):
+    path = write_lines(tmp_path / "i.jsonl", [
+        '{"post_id": 3, "author_id": 7, "attributes": {"title": "a"}}', "", '{"post_id": 9}',
+    ])  # fmt: skip
+    items = read_items(path)
+    assert items.post_ids.tolist() == [3, 9] and items.author_ids.tolist() == [7, 0]
+    assert items.attributes == [{"title": "a"}, None]
+    assert len(items.digest) == 64
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"author_id": 1}', "'post_id' is missing"),
+        ('{"post_id": 0}', "'post_id' must be in [1"),
+        ('{"post_id": -4}', "'post_id' must be in [1"),
+        ('{"post_id": true}', "must be an integer"),
+        ('{"post_id": 1.5}', "must be an integer"),
+        ('{"post_id": 1, "author_id": -1}', "'author_id' must be in [0"),
+        ('{"post_id": 1, "autor_id": 1}', "unknown field"),
+        ('{"post_id": 1, "attributes": {"a": 1}}', "string values"),
+        ('{"post_id": 1, "attributes": {"a": "' + "x" * 2000 + '"}}', "over 1024 bytes"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_items_file_malformed_line_is_named(tmp_path, line, problem):
+    path = write_lines(tmp_path / "i.jsonl", ['{"post_id": 1}', line])
+    with pytest.raises(ItemsFileError) as info:
+        read_items(path)
+    assert "i.jsonl:2: " in str(info.value) and problem in str(info.value)
+
+
+def test_items_file_duplicate_names_both_lines(tmp_path):
+    path = write_lines(tmp_path / "i.jsonl", ['{"post_id": 5}', '{"post_id": 6}', '{"post_id": 5}'])
+    with pytest.raises(ItemsFileError, match=r"i.jsonl:3: duplicate post_id 5 \(first on line 1\)"):
+        read_items(path)
+
+
+def test_items_file_missing(tmp_path):
+    with pytest.raises(ItemsFileError, match="not found"):
+        read_items(tmp_path / "nope.jsonl")
+
+
+# -- store ---------------------------------------------------------------------------------------------
+
+
+def test_upsert_replaces_and_inserts_with_one_version_bump():
+    store = make_store()
+    ids = np.asarray([2, 99], dtype=np.int64)
+    delta, inserted = store.upsert_delta(ids, ids, np.ones((2, D), np.float32), [None, {"a": "b"}])
+    assert inserted == 1 and delta.version == 11 and store.version == 10  # not applied yet
+    store.apply(delta)
+    snap = store.snapshot()
+    assert store.version == 11 and store.num_items == 6 and snap.version == 11
+    row = snap.post_ids.tolist().index(2)
+    assert np.all(snap.embeddings[row] == 1) and snap.author_ids[row] == 2 and snap.attributes[row] is None
+    assert snap.post_ids.tolist()[-1] == 99 and snap.attributes[-1] == {"a": "b"}
+
+
+def test_delete_reports_unknown_and_skips_version_when_nothing_changes():
+    store = make_store()
+    delta, unknown = store.delete_delta(np.asarray([3, 42], dtype=np.int64))
+    assert unknown == [42] and delta is not None and delta.deleted_post_ids.tolist() == [3]
+    store.apply(delta)
+    assert store.version == 11 and 3 not in store and store.num_items == 4
+    assert 3 not in store.snapshot().post_ids.tolist()
+    none, unknown = store.delete_delta(np.asarray([42], dtype=np.int64))
+    assert none is None and unknown == [42] and store.version == 11
+
+
+def test_apply_refuses_out_of_order_deltas_and_wrong_shapes():
+    store = make_store()
+    delta, _ = store.upsert_delta(np.asarray([1]), np.asarray([0]), np.zeros((1, D), np.float32), [None])
+    store.apply(delta)
+    with pytest.raises(ValueError, match="does not follow"):
+        store.apply(delta)
+    with pytest.raises(InvalidInput):
+        store.upsert_delta(np.asarray([1]), np.asarray([0]), np.zeros((1, D + 1), np.float32), [None])
+
+
+def test_snapshot_is_immutable_while_the_store_changes():
+    store = make_store()
+    before = store.snapshot()
+    copy = before.embeddings.copy()
+    upsert(store, [1, 2], value=7.0)
+    assert np.array_equal(before.embeddings, copy) and before.version == 10
+    assert store.snapshot().version == 11
+
+
+def test_dead_rows_are_compacted_and_state_is_kept():
+    store = make_store(n=3000)
+    delta, _ = store.delete_delta(np.arange(1, 2500, dtype=np.int64))
+    store.apply(delta)
+    snap = store.snapshot()
+    assert snap.post_ids.tolist() == list(range(2500, 3001)) and store.num_items == 501
+    upsert(store, [2600], value=3.0)
+    assert np.all(store.snapshot().embeddings[100] == 3.0)
+
+
+def test_chunk_bounds_cover_every_row_within_the_byte_budget():
+    store = make_store(n=1000)
+    snap = store.snapshot()
+    row_bytes = 16 + 4 * D + 8
+    bounds = snap.chunk_bounds(row_bytes * 64 + 100)
+    assert bounds[0][0] == 0 and bounds[-1][1] == 1000
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    for lo, hi in bounds:
+        assert (hi - lo) * row_bytes + int(snap.attr_bytes[lo:hi].sum()) <= row_bytes * 64 + 100
+    assert CorpusStore(D, "fp", 1).snapshot().chunk_bounds(10) == [(0, 0)]  # empty corpus: one empty chunk
+
+
+# -- snapshot file -------------------------------------------------------------------------------------
+
+
+def test_snapshot_round_trip(tmp_path):
+    snap = make_store().snapshot()
+    write_snapshot(tmp_path, snap, "digest")
+    back = read_snapshot(tmp_path, "fp", "digest", D)
+    assert back.version == snap.version and back.attributes == snap.attributes
+    for name in ("post_ids", "author_ids", "embeddings", "attr_bytes"):
+        assert np.array_equal(getattr(back, name), getattr(snap, name)), name
+    assert [p.name for p in tmp_path.iterdir()] == [SNAPSHOT_FILE]  # no temp file left behind
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncate", "unreadable or truncated"),
+        ("flip", "checksum mismatch"),
+        ("fingerprint", "fingerprint"),
+        ("digest", "items_digest"),
+        ("dim", "wrong shapes"),
+    ],
+)
+def test_snapshot_that_fails_a_check_is_refused(tmp_path, damage, message):
+    write_snapshot(tmp_path, make_store().snapshot(), "digest")
+    path = tmp_path / SNAPSHOT_FILE
+    data = bytearray(path.read_bytes())
+    fingerprint, digest, dim = "fp", "digest", D
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) - 7])
+    elif damage == "flip":
+        data[-3] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "fingerprint":
+        fingerprint = "other"
+    elif damage == "digest":
+        digest = "other"
+    else:
+        dim = D + 1
+    with pytest.raises(CacheError, match=message):
+        read_snapshot(tmp_path, fingerprint, digest, dim)
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "f"
+    target.write_text("old")
+
+    def failing(path: str) -> None:
+        with open(path, "w") as f:
+            f.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, failing)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["f"]
+
+
+# -- delta log -----------------------------------------------------------------------------------------
+
+
+def log_with(tmp_path, count: int) -> tuple[list[Delta], bytes]:
+    store = make_store()
+    log = DeltaLog(tmp_path / LOG_FILE, 0)
+    deltas = []
+    for i in range(count):
+        delta = upsert(store, [i + 1, 50 + i], value=float(i))
+        log.append(delta)
+        deltas.append(delta)
+    log.close()
+    return deltas, (tmp_path / LOG_FILE).read_bytes()
+
+
+def assert_same(a: Delta, b: Delta) -> None:
+    assert a.version == b.version and a.fingerprint == b.fingerprint
+    assert a.upsert_attributes == b.upsert_attributes
+    for name in ("upsert_post_ids", "upsert_author_ids", "upsert_embeddings", "deleted_post_ids"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_log_round_trip(tmp_path):
+    deltas, data = log_with(tmp_path, 3)
+    back, end = read_log(tmp_path / LOG_FILE)
+    assert end == len(data) and len(back) == 3
+    for a, b in zip(deltas, back, strict=True):
+        assert_same(a, b)
+
+
+@pytest.mark.parametrize("cut", [1, 5, 12, 40, -1])
+def test_torn_last_record_is_dropped_and_the_log_continues(tmp_path, cut):
+    deltas, data = log_with(tmp_path, 3)
+    last = len(encode_record(deltas[-1]))
+    keep = len(data) - last + (cut if cut > 0 else last - 1)
+    (tmp_path / LOG_FILE).write_bytes(data[:keep])
+    back, end = read_log(tmp_path / LOG_FILE)
+    assert [d.version for d in back] == [11, 12] and end == len(data) - last
+    log = DeltaLog(tmp_path / LOG_FILE, end)  # cuts the torn tail, then appends after the good records
+    log.append(deltas[-1])
+    log.close()
+    assert [d.version for d in read_log(tmp_path / LOG_FILE)[0]] == [11, 12, 13]
+
+
+def test_zero_filled_tail_is_a_torn_write(tmp_path):
+    _, data = log_with(tmp_path, 2)
+    (tmp_path / LOG_FILE).write_bytes(data + bytes(300))
+    back, end = read_log(tmp_path / LOG_FILE)
+    assert len(back) == 2 and end == len(data)
+
+
+def test_corruption_before_the_tail_fails_the_cache(tmp_path):
+    deltas, data = log_with(tmp_path, 3)
+    damaged = bytearray(data)
+    damaged[len(encode_record(deltas[0])) // 2] ^= 0xFF  # inside the first record: not a torn append
+    (tmp_path / LOG_FILE).write_bytes(bytes(damaged))
+    with pytest.raises(CacheError, match="corrupt record at byte 0"):
+        read_log(tmp_path / LOG_FILE)
+
+
+def test_missing_log_is_empty(tmp_path):
+    assert read_log(tmp_path / LOG_FILE) == ([], 0)
+
+
+def test_records_are_self_describing_json_and_raw_bytes(tmp_path):
+    deltas, data = log_with(tmp_path, 1)
+    assert (
+        data[:4] == b"TTD1"
+        and b'"version": 11' in data
+        and json.dumps(deltas[0].upsert_attributes) in data.decode("latin-1")
+    )
+
+
+def test_parquet_items_file(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pa.table({
+        "post_id": [4, 8], "author_id": [1, None],
+        "attributes": pa.array([[("title", "a")], None], type=pa.map_(pa.string(), pa.string())),
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "i.parquet")
+    items = read_items(tmp_path / "i.parquet")
+    assert items.post_ids.tolist() == [4, 8] and items.author_ids.tolist() == [1, 0]
+    assert items.attributes == [{"title": "a"}, None]
+    pq.write_table(pa.table({"post_id": [4, 4]}), tmp_path / "dup.parquet")
+    with pytest.raises(ItemsFileError, match=r"row 2: duplicate post_id 4 \(first in row 1\)"):
+        read_items(tmp_path / "dup.parquet")
+    pq.write_table(pa.table({"post_id": [0]}), tmp_path / "zero.parquet")
+    with pytest.raises(ItemsFileError, match="row 1: 'post_id' must be in"):
+        read_items(tmp_path / "zero.parquet")
