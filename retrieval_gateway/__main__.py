@@ -1,0 +1,131 @@
+"""`python -m retrieval_gateway --user-service HOST:PORT --candidate-service HOST:PORT [...]`:
+flags (with env-var fallbacks) -> config -> serve."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from retrieval_gateway.config import DEFAULT_MAX_EXCLUSIONS, DEFAULT_MAX_K, GatewayConfig
+from retrieval_gateway.server import serve
+from shared.server.bootstrap import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions
+from shared.server.logs import configure_logging
+
+logger = logging.getLogger("retrieval_gateway")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    # Env-var fallbacks go through argparse's `type`, so a bad value gets the same usage error.
+    e = os.environ.get
+    p = argparse.ArgumentParser(prog="python -m retrieval_gateway", description=__doc__)
+    p.add_argument(
+        "--user-service", default=e("GATEWAY_USER_SERVICE"), help="HOST:PORT (env GATEWAY_USER_SERVICE)"
+    )
+    p.add_argument(
+        "--candidate-service",
+        default=e("GATEWAY_CANDIDATE_SERVICE"),
+        help="HOST:PORT (env GATEWAY_CANDIDATE_SERVICE)",
+    )
+    p.add_argument(
+        "--device",
+        default=e("GATEWAY_DEVICE", "auto"),
+        help="auto | cpu | cuda[:N]; auto = cuda when present",
+    )
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=e("GATEWAY_DTYPE", "fp32"),
+                   help="corpus matrix storage (scores are computed in fp32 either way)")  # fmt: skip
+    p.add_argument(
+        "--fused-gemv",
+        action="store_true",
+        default=e("GATEWAY_FUSED_GEMV", "") == "1",
+        help="CPU: compile a fused kernel for single queries (needs a C++ compiler)",
+    )
+    p.add_argument(
+        "--max-k", type=int, default=e("GATEWAY_MAX_K", str(DEFAULT_MAX_K)), help="largest k accepted"
+    )
+    p.add_argument(
+        "--max-exclusions",
+        type=int,
+        default=e("GATEWAY_MAX_EXCLUSIONS", str(DEFAULT_MAX_EXCLUSIONS)),
+        help="ids per exclusion list (posts, authors)",
+    )
+    p.add_argument(
+        "--max-batch-size", type=int, default=e("GATEWAY_MAX_BATCH_SIZE", "32"), help="queries per matmul"
+    )
+    p.add_argument("--max-wait-ms", type=float, default=e("GATEWAY_MAX_WAIT_MS", "1"),
+                   help="how long a batch waits for more queries after its first")  # fmt: skip
+    p.add_argument("--max-queue", type=int, default=e("GATEWAY_MAX_QUEUE", "1024"),
+                   help="queries waiting for scoring; beyond it calls get RESOURCE_EXHAUSTED")  # fmt: skip
+    p.add_argument("--user-timeout-s", type=float, default=e("GATEWAY_USER_TIMEOUT_S", "5"),
+                   help="user_service call timeout when the caller sets no deadline")  # fmt: skip
+    p.add_argument("--max-corpus-items", type=int, default=e("GATEWAY_MAX_CORPUS_ITEMS", "100000000"))
+    p.add_argument("--reconnect-max-s", type=float, default=e("GATEWAY_RECONNECT_MAX_S", "5"),
+                   help="longest wait between WatchCorpus reconnects")  # fmt: skip
+    p.add_argument("--host", default=e("GATEWAY_HOST", "127.0.0.1"))
+    p.add_argument(
+        "--port", type=int, default=e("GATEWAY_PORT", "50051"), help="0 = any free port (see --port-file)"
+    )
+    p.add_argument("--port-file", default=None, help="write the bound port here once listening")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=e("GATEWAY_METRICS_PORT"),
+        help="Prometheus HTTP port (off when not given)",
+    )
+    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    p.add_argument("--grace-seconds", type=float, default=5.0)
+    p.add_argument("--log-level", default=e("GATEWAY_LOG_LEVEL", "INFO"))
+    args = p.parse_args(argv)
+    for flag in ("user_service", "candidate_service"):
+        if not getattr(args, flag):
+            p.error(f"--{flag.replace('_', '-')} (or GATEWAY_{flag.upper()}) is required")
+    return args
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    return GatewayConfig(
+        user_service=args.user_service,
+        candidate_service=args.candidate_service,
+        device=args.device,
+        dtype=args.dtype,
+        fused_gemv=args.fused_gemv,
+        max_k=args.max_k,
+        max_exclusions=args.max_exclusions,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        user_timeout_s=args.user_timeout_s,
+        max_corpus_items=args.max_corpus_items,
+        reconnect_max_s=args.reconnect_max_s,
+        port_file=args.port_file,
+        server=ServerOptions(
+            host=args.host,
+            port=args.port,
+            max_message_bytes=args.max_message_bytes,
+            grace_seconds=args.grace_seconds,
+            metrics_port=args.metrics_port,
+        ),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"retrieval_gateway: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(config))
+    except (OSError, ValueError) as exc:  # cannot bind; cuda requested without a GPU
+        logger.error("retrieval_gateway cannot start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""RetrieveRequest -> validated plain values, and search results -> RetrieveResponse. No grpc import."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from retrieval_gateway.index import SearchResult
+from shared.convert import user_context_from_proto
+from shared.errors import InvalidInput
+from shared.model.actions import ACTION_NAMES
+from twotower.v1 import retrieval_gateway_pb2
+
+
+@dataclass(frozen=True)
+class RetrieveSpec:
+    k: int
+    exclude_post_ids: np.ndarray  # [e] int64: explicit exclusions plus history posts when asked
+    exclude_author_ids: np.ndarray  # [a] int64
+
+
+def retrieve_spec_from_proto(
+    request: retrieval_gateway_pb2.RetrieveRequest, max_k: int, max_exclusions: int, max_history_events: int
+) -> RetrieveSpec:
+    """Check everything the gateway can check before calling user_service (cheap checks first)."""
+    if not 1 <= request.k <= max_k:
+        raise InvalidInput(f"k must be in [1, {max_k}], got {request.k}")
+    for name in ("exclude_post_ids", "exclude_author_ids"):
+        n = len(getattr(request, name))
+        if n > max_exclusions:
+            raise InvalidInput(f"{name} has {n} ids; the limit is {max_exclusions}")
+    if not request.HasField("user"):
+        raise InvalidInput("user is required")
+    user = request.user
+    if user.user_id <= 0:
+        raise InvalidInput(f"user.user_id must be > 0, got {user.user_id}")
+    # Action names, action ids, timestamps and the history limit, with the same rules as user_service,
+    # so malformed history is INVALID_ARGUMENT before any remote call.
+    ctx = user_context_from_proto(user, num_actions=len(ACTION_NAMES), max_history_events=max_history_events)
+    if (ctx.post_ids <= 0).any():
+        i = int(np.flatnonzero(ctx.post_ids <= 0)[0])
+        raise InvalidInput(f"user.history[{i}].post_id must be > 0, got {int(ctx.post_ids[i])}")
+    if (ctx.author_ids < 0).any():
+        i = int(np.flatnonzero(ctx.author_ids < 0)[0])
+        raise InvalidInput(f"user.history[{i}].author_id must be >= 0, got {int(ctx.author_ids[i])}")
+    posts = np.fromiter(request.exclude_post_ids, np.int64, len(request.exclude_post_ids))
+    if request.exclude_history:
+        posts = np.concatenate([posts, ctx.post_ids])
+    authors = np.fromiter(request.exclude_author_ids, np.int64, len(request.exclude_author_ids))
+    return RetrieveSpec(request.k, np.unique(posts), np.unique(authors))
+
+
+def result_to_proto(result: SearchResult) -> retrieval_gateway_pb2.RetrieveResponse:
+    response = retrieval_gateway_pb2.RetrieveResponse(
+        corpus_version=result.version, model_fingerprint=result.fingerprint
+    )
+    for hit in result.hits:
+        response.items.add(
+            post_id=hit.post_id, author_id=hit.author_id, score=hit.score, attributes=hit.attributes
+        )
+    return response

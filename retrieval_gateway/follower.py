@@ -1,0 +1,213 @@
+"""Follows candidate_service's WatchCorpus stream and keeps the index in step with it.
+
+Protocol (protos/twotower/v1/candidate_tower.proto): a snapshot in chunks 0..num_chunks-1, then
+deltas with consecutive versions. The previous corpus keeps serving until a snapshot is complete.
+On a version gap, a delta of another model or malformed data, the stream is dropped and reopened
+asking for a fresh snapshot (known_version 0); when candidate_service goes away, it is reopened with
+capped, jittered exponential backoff, asking to continue from the version already held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+import torch
+
+from retrieval_gateway import metrics
+from retrieval_gateway.index import CorpusGap, CorpusIndex
+from shared import codec
+from shared.errors import InvalidInput
+from twotower.v1 import candidate_tower_pb2, candidate_tower_pb2_grpc, common_pb2
+
+logger = logging.getLogger(__name__)
+
+_FLOATS = (common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_BFLOAT16, common_pb2.DTYPE_FLOAT16)
+_INT64 = (common_pb2.DTYPE_INT64,)
+
+
+class SnapshotAssembler:
+    """Collects the chunks of one snapshot into preallocated buffers."""
+
+    def __init__(self, first: candidate_tower_pb2.SnapshotChunk, max_items: int) -> None:
+        if first.chunk_index != 0 or first.num_chunks < 1:
+            raise CorpusGap(f"snapshot starts at chunk {first.chunk_index} of {first.num_chunks}")
+        if first.total_items > max_items:
+            raise CorpusGap(f"snapshot of {first.total_items} items exceeds max_corpus_items={max_items}")
+        self.head = first
+        self.total = first.total_items
+        self.filled = 0
+        self.next_chunk = 0
+        self.post_ids = np.zeros(self.total, np.int64)
+        self.author_ids = np.zeros(self.total, np.int64)
+        self.attributes: list[dict[str, str]] = []
+        self.embeddings: torch.Tensor | None = None  # [total, D], allocated from the first rows
+
+    def add(self, chunk: candidate_tower_pb2.SnapshotChunk) -> bool:
+        """Add the next chunk; True when the snapshot is complete."""
+        h = self.head
+        if (chunk.chunk_index, chunk.version, chunk.fingerprint, chunk.num_chunks, chunk.total_items) != (
+            self.next_chunk, h.version, h.fingerprint, h.num_chunks, h.total_items
+        ):  # fmt: skip
+            raise CorpusGap(f"snapshot chunk {chunk.chunk_index} (v{chunk.version}) out of sequence")
+        posts = codec.decode_numpy(chunk.post_ids, "snapshot.post_ids", _INT64, shape=(None,))
+        n = posts.shape[0]
+        authors = codec.decode_numpy(chunk.author_ids, "snapshot.author_ids", _INT64, shape=(n,))
+        if n == 0 and not chunk.HasField("embeddings"):
+            emb = torch.empty(0, self.embeddings.shape[1] if self.embeddings is not None else 0)
+        else:
+            emb = codec.decode_torch(chunk.embeddings, "snapshot.embeddings", _FLOATS, shape=(n, None))
+        if len(chunk.attributes) != n or self.filled + n > self.total:
+            raise CorpusGap(f"snapshot chunk {chunk.chunk_index}: {n} rows do not fit the announced total")
+        if self.embeddings is None:
+            self.embeddings = torch.empty(self.total, emb.shape[1], dtype=emb.dtype)
+        elif emb.shape[1] != self.embeddings.shape[1]:
+            raise CorpusGap(f"snapshot chunk {chunk.chunk_index}: width {emb.shape[1]} changed")
+        sl = slice(self.filled, self.filled + n)
+        self.post_ids[sl], self.author_ids[sl], self.embeddings[sl] = posts, authors, emb.to(self.embeddings)
+        self.attributes.extend(dict(a.attributes) for a in chunk.attributes)
+        self.filled += n
+        self.next_chunk += 1
+        if self.next_chunk == h.num_chunks:
+            if self.filled != self.total:
+                raise CorpusGap(f"snapshot ended with {self.filled} of {self.total} items")
+            return True
+        return False
+
+
+def _delta_rows(delta: candidate_tower_pb2.CorpusDelta, dim: int):
+    """Decoded upserts and deletes; unset tensors (a delete-only or upsert-only delta) are empty."""
+    empty = np.empty(0, np.int64)
+    posts = authors = empty
+    emb = torch.empty(0, dim)
+    if delta.HasField("upsert_post_ids"):
+        posts = codec.decode_numpy(delta.upsert_post_ids, "delta.upsert_post_ids", _INT64, shape=(None,))
+        n = posts.shape[0]
+        authors = codec.decode_numpy(delta.upsert_author_ids, "delta.upsert_author_ids", _INT64, shape=(n,))
+        emb = codec.decode_torch(delta.upsert_embeddings, "delta.upsert_embeddings", _FLOATS, shape=(n, dim))
+    deleted = empty
+    if delta.HasField("deleted_post_ids"):
+        deleted = codec.decode_numpy(delta.deleted_post_ids, "delta.deleted_post_ids", _INT64, shape=(None,))
+    attrs = [dict(a.attributes) for a in delta.upsert_attributes]
+    return posts, authors, emb, attrs, deleted
+
+
+class CorpusFollower:
+    def __init__(
+        self,
+        address: str,
+        index: CorpusIndex,
+        channel_options: list[tuple[str, int]],
+        *,
+        max_corpus_items: int,
+        backoff_initial_s: float,
+        backoff_max_s: float,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.address = address
+        self.index = index
+        # grpc's own reconnect backoff grows to 120 s by default: cap it at ours so that a restarted
+        # candidate_service is found within reconnect_max_s, not minutes later.
+        cap_ms = int(backoff_max_s * 1000)
+        self._options = [
+            *channel_options,
+            ("grpc.initial_reconnect_backoff_ms", min(1000, cap_ms)),
+            ("grpc.min_reconnect_backoff_ms", min(1000, cap_ms)),
+            ("grpc.max_reconnect_backoff_ms", cap_ms),
+        ]
+        self._max_items = max_corpus_items
+        self._backoff = (backoff_initial_s, backoff_max_s)
+        self._on_change = on_change
+        self.connected = False  # currently receiving a stream
+        self._assembler: SnapshotAssembler | None = None
+
+    async def run(self) -> None:
+        """Follow forever (until cancelled)."""
+        failures = 0
+        fresh = False  # True after a gap: ask for a new snapshot rather than deltas
+        async with grpc.aio.insecure_channel(self.address, options=self._options) as channel:
+            stub = candidate_tower_pb2_grpc.CandidateTowerStub(channel)
+            while True:
+                info = self.index.info()
+                request = candidate_tower_pb2.WatchCorpusRequest()
+                if info is not None and not fresh:
+                    request.known_version, request.known_fingerprint = info.version, info.fingerprint
+                call = stub.WatchCorpus(request)
+                self._assembler = None
+                try:
+                    async for event in call:
+                        if not self.connected:
+                            logger.info("watching corpus at %s from v%d", self.address, request.known_version)
+                        self.connected, failures = True, 0
+                        metrics.CANDIDATE_CONNECTED.set(1)
+                        fresh = await self._handle(event)
+                    reason = "stream ended"
+                except (CorpusGap, InvalidInput) as exc:
+                    logger.warning(
+                        "corpus stream from %s unusable (%s); asking for a fresh snapshot", self.address, exc
+                    )
+                    fresh, reason = True, "gap"
+                except grpc.aio.AioRpcError as exc:
+                    reason = exc.code().name
+                    log = logger.warning if self.connected else logger.debug
+                    log("corpus stream from %s: %s %s", self.address, reason, exc.details())
+                finally:
+                    call.cancel()
+                self.connected = False
+                metrics.CANDIDATE_CONNECTED.set(0)
+                metrics.RECONNECTS.labels(reason).inc()
+                failures += 1
+                await asyncio.sleep(self._delay(failures))
+
+    def _delay(self, failures: int) -> float:
+        """Exponential, capped, half-jittered so that many gateways do not reconnect in lockstep."""
+        initial, cap = self._backoff
+        base = min(cap, initial * 2 ** min(failures - 1, 30))
+        return base / 2 + random.uniform(0, base / 2)
+
+    async def _handle(self, event: candidate_tower_pb2.CorpusEvent) -> bool:
+        """Apply one event. Returns False (no fresh snapshot needed) or raises CorpusGap."""
+        kind = event.WhichOneof("event")
+        if kind == "snapshot_chunk":
+            chunk = event.snapshot_chunk
+            if chunk.chunk_index == 0:
+                self._assembler = SnapshotAssembler(chunk, self._max_items)
+            elif self._assembler is None:
+                raise CorpusGap(f"snapshot chunk {chunk.chunk_index} without chunk 0")
+            a = self._assembler
+            # Decoding and copying a chunk (up to the message size) off the loop: Retrieve calls keep
+            # being answered from the current corpus while a large snapshot streams in.
+            if await asyncio.to_thread(a.add, chunk):
+                self._assembler = None
+                h = a.head
+                emb = a.embeddings if a.embeddings is not None else torch.empty(0, _dim_of(chunk))
+                args = (h.version, h.fingerprint, a.post_ids, a.author_ids, emb, a.attributes)
+                await asyncio.to_thread(self.index.load_snapshot, *args)
+                metrics.SNAPSHOTS.inc()
+                self._on_change()
+        elif kind == "delta":
+            if self._assembler is not None:
+                raise CorpusGap("delta in the middle of a snapshot")
+            info = self.index.info()
+            if info is None:
+                raise CorpusGap("delta before any snapshot")
+            delta = event.delta
+            await asyncio.to_thread(self._apply_delta, delta, info.dim)
+            metrics.DELTAS.inc()
+            self._on_change()
+        else:
+            raise CorpusGap(f"unknown corpus event {kind!r}")
+        return False
+
+    def _apply_delta(self, delta: candidate_tower_pb2.CorpusDelta, dim: int) -> None:
+        self.index.apply_delta(delta.version, delta.fingerprint, *_delta_rows(delta, dim))
+
+
+def _dim_of(chunk: candidate_tower_pb2.SnapshotChunk) -> int:
+    """D of an empty snapshot, from its [0, D] embeddings tensor (0 when not even that is sent)."""
+    shape = list(chunk.embeddings.shape)
+    return int(shape[1]) if len(shape) == 2 else 0

@@ -1,0 +1,167 @@
+"""The gateway's request path and background work: validate -> user embedding -> batched search.
+
+Owns the corpus index, the corpus follower, the user_service client and the micro-batcher; the
+servicer only converts protos and delegates here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from retrieval_gateway import metrics
+from retrieval_gateway.config import GatewayConfig
+from retrieval_gateway.convert import retrieve_spec_from_proto
+from retrieval_gateway.follower import CorpusFollower
+from retrieval_gateway.index import CorpusIndex, CorpusInfo, Query, SearchResult, model_mismatch, pick_device
+from retrieval_gateway.user_client import UserEncoder
+from shared.batching import BatchReport, MicroBatcher
+from shared.errors import ModelMismatch, NotReady, ServiceError
+from shared.server.bootstrap import Health
+from twotower.v1 import retrieval_gateway_pb2
+
+logger = logging.getLogger(__name__)
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.device = pick_device(config.device)
+        self.index = CorpusIndex(self.device, config.dtype, config.max_score_elements, config.fused_gemv)
+        options = config.server.channel_options()
+        self.users = UserEncoder(config.user_service, options)
+        self.batcher: MicroBatcher[Query, SearchResult] = MicroBatcher(
+            self.index.search,
+            max_batch_size=config.max_batch_size,
+            max_wait_s=config.max_wait_ms / 1000.0,
+            max_queue=config.max_queue,
+            on_batch=self._on_batch,
+            name="gateway-scoring",
+        )
+        self._wake = asyncio.Event()
+        self.follower = CorpusFollower(
+            config.candidate_service,
+            self.index,
+            options,
+            max_corpus_items=config.max_corpus_items,
+            backoff_initial_s=config.reconnect_initial_s,
+            backoff_max_s=config.reconnect_max_s,
+            on_change=self._on_corpus_change,
+        )
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self, health: Health) -> None:
+        """Start scoring, following the corpus and tracking readiness (on the running loop)."""
+        self.batcher.start()
+        self._tasks = [
+            asyncio.create_task(self.follower.run(), name="corpus-follower"),
+            asyncio.create_task(self._track_readiness(health), name="readiness"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self.batcher.stop()
+        await self.users.close()
+
+    def ready(self) -> bool:
+        return self.index.info() is not None and self.users.reachable
+
+    async def _track_readiness(self, health: Health) -> None:
+        """SERVING once a corpus is in and user_service answers; back to NOT_SERVING while it does not."""
+        poll = self.config.health_poll_s
+        while True:
+            await self.users.probe(timeout=poll)
+            ready = self.ready()
+            if ready != health.serving:
+                logger.info(
+                    "gateway %s", "SERVING" if ready else "NOT_SERVING (waiting for corpus / user_service)"
+                )
+                await health.set_serving(ready)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), poll)
+
+    def _on_corpus_change(self) -> None:
+        info = self.index.info()
+        if info is not None:
+            metrics.CORPUS_VERSION.set(info.version)
+            metrics.CORPUS_SIZE.set(info.size)
+        self._wake.set()
+
+    def _on_batch(self, report: BatchReport) -> None:
+        metrics.BATCH_SIZE.observe(report.size)
+        metrics.BATCH_COMPUTE.observe(report.compute_s)
+
+    # ---- requests ------------------------------------------------------------------------------
+    async def retrieve(
+        self, request: retrieval_gateway_pb2.RetrieveRequest, time_remaining: float | None
+    ) -> SearchResult:
+        """`time_remaining`: seconds left of the caller's deadline (None = no deadline)."""
+        start = time.perf_counter()
+        try:
+            result = await self._retrieve(request, time_remaining)
+        except ServiceError as exc:
+            metrics.REQUESTS.labels(type(exc).__name__).inc()
+            if isinstance(exc, ModelMismatch):
+                metrics.FINGERPRINT_MISMATCH.inc()
+            raise
+        except Exception:
+            metrics.REQUESTS.labels("error").inc()
+            raise
+        metrics.REQUESTS.labels("ok").inc()
+        metrics.LATENCY.labels("total").observe(time.perf_counter() - start)
+        return result
+
+    async def _retrieve(
+        self, request: retrieval_gateway_pb2.RetrieveRequest, time_remaining: float | None
+    ) -> SearchResult:
+        cfg = self.config
+        spec = retrieve_spec_from_proto(request, cfg.max_k, cfg.max_exclusions, cfg.max_history_events)
+        self._corpus_or_raise()  # fail fast, before spending a user_service call
+        loop = asyncio.get_running_loop()
+        deadline = None if time_remaining is None else loop.time() + time_remaining
+        t0 = time.perf_counter()
+        embedding, fingerprint = await self.users.encode(
+            request.user, timeout=cfg.user_timeout_s if time_remaining is None else time_remaining
+        )
+        t1 = time.perf_counter()
+        metrics.LATENCY.labels("user_encode").observe(t1 - t0)
+        info = self._corpus_or_raise()
+        if fingerprint != info.fingerprint:  # checked again, atomically, inside the scoring batch
+            raise model_mismatch(fingerprint, info.fingerprint)
+        if embedding.shape[0] != info.dim:
+            raise NotReady(f"user_service returned D={embedding.shape[0]} for a corpus of D={info.dim}")
+        query = Query(embedding, fingerprint, spec.k, spec.exclude_post_ids, spec.exclude_author_ids)
+        result = await self.batcher.submit(query, deadline)
+        metrics.LATENCY.labels("scoring").observe(time.perf_counter() - t1)
+        return result
+
+    def _corpus_or_raise(self) -> CorpusInfo:
+        info = self.index.info()
+        if info is None:
+            raise NotReady("no corpus yet: waiting for the first snapshot from candidate_service")
+        if info.size == 0:
+            raise NotReady(f"the corpus is empty (version {info.version}): nothing to retrieve")
+        return info
+
+    def status(self, serving: bool) -> retrieval_gateway_pb2.GatewayStatus:
+        info = self.index.info()
+        dtype = "DTYPE_BFLOAT16" if self.config.dtype == "bf16" else "DTYPE_FLOAT32"
+        status = retrieval_gateway_pb2.GatewayStatus(
+            ready=serving,
+            device=str(self.device),
+            dtype=dtype,
+            candidate_service_connected=self.follower.connected,
+        )
+        if info is not None:
+            status.corpus_version, status.corpus_size = info.version, info.size
+            status.model_fingerprint = info.fingerprint
+        return status

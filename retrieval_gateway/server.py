@@ -1,0 +1,71 @@
+"""retrieval_gateway server: bind -> start (NOT_SERVING) -> follow corpus + probe user_service
+(SERVING when both are there) -> graceful stop."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from retrieval_gateway.config import GatewayConfig
+from retrieval_gateway.gateway import Gateway
+from retrieval_gateway.servicer import RetrievalGatewayServicer
+from shared.server.bootstrap import create_grpc_server, graceful_stop, start_metrics_http, wait_for_signal
+from shared.server.portfile import write_port_file
+from twotower.v1 import retrieval_gateway_pb2, retrieval_gateway_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = retrieval_gateway_pb2.DESCRIPTOR.services_by_name["RetrievalGateway"].full_name
+
+
+class GatewayServer:
+    """The grpc server plus the gateway's background work; in-process tests drive it on port 0."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.gateway = Gateway(config)
+        servicer = RetrievalGatewayServicer(self.gateway)
+        self.server, self.port, self.health = create_grpc_server(
+            config.server,
+            [SERVICE_NAME],
+            lambda s: retrieval_gateway_pb2_grpc.add_RetrievalGatewayServicer_to_server(servicer, s),
+        )
+        servicer.health = self.health
+
+    async def start(self) -> None:
+        # grpc's HealthServicer answers SERVING for "" until told otherwise: say NOT_SERVING first.
+        await self.health.set_serving(False)
+        await self.server.start()
+        self.gateway.start(self.health)
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight ones finish, then stop the background work."""
+        grace = self.config.server.grace_seconds if grace_seconds is None else grace_seconds
+        await graceful_stop(self.server, self.health, grace)
+        await self.gateway.stop()
+
+
+def create_server(config: GatewayConfig) -> tuple[grpc.aio.Server, int, GatewayServer]:
+    """Build (not start) the server; returns the grpc server, the bound port and the lifecycle object."""
+    app = GatewayServer(config)
+    return app.server, app.port, app
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Run until SIGTERM/SIGINT."""
+    _server, port, app = create_server(config)
+    await app.start()
+    metrics_port = start_metrics_http(config.server.host, config.server.metrics_port)
+    write_port_file(config.port_file, port)
+    logger.info(
+        "retrieval_gateway listening on %s:%d (device %s, %s; user_service %s, candidate_service %s; "
+        "metrics port %s)", config.server.host, port, app.gateway.device, config.dtype,
+        config.user_service, config.candidate_service, metrics_port,
+    )  # fmt: skip
+    try:
+        sig = await wait_for_signal()
+        logger.info("signal %d: stopping (grace %.1fs)", sig, config.server.grace_seconds)
+    finally:
+        await app.stop()
+        logger.info("retrieval_gateway stopped")

@@ -1,0 +1,27 @@
+"""RetrievalGateway servicer: thin (validate -> convert -> delegate -> convert)."""
+
+from __future__ import annotations
+
+import grpc
+
+from retrieval_gateway.convert import result_to_proto
+from retrieval_gateway.gateway import Gateway
+from shared.server.bootstrap import Health
+from twotower.v1 import retrieval_gateway_pb2, retrieval_gateway_pb2_grpc
+
+
+class RetrievalGatewayServicer(retrieval_gateway_pb2_grpc.RetrievalGatewayServicer):
+    def __init__(self, gateway: Gateway, health: Health | None = None) -> None:
+        self.gateway = gateway
+        self.health = health  # set once the server exists (the servicer is registered before)
+
+    async def Retrieve(
+        self, request: retrieval_gateway_pb2.RetrieveRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_gateway_pb2.RetrieveResponse:
+        result = await self.gateway.retrieve(request, context.time_remaining())
+        return result_to_proto(result)
+
+    async def GetStatus(
+        self, request: retrieval_gateway_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_gateway_pb2.GatewayStatus:
+        return self.gateway.status(serving=self.health is not None and self.health.serving)

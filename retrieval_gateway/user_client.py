@@ -1,0 +1,68 @@
+"""Client of user_service: one user context -> (embedding [D] fp32, fingerprint), errors mapped to
+the gateway's domain errors, and a health probe for readiness."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared import codec
+from shared.errors import DeadlineExpired, InvalidInput, NotReady, Overloaded
+from twotower.v1 import common_pb2, user_tower_pb2, user_tower_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+_EMBEDDING_DTYPES = (common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_BFLOAT16)
+# grpc's reconnect backoff grows to 120 s by default; a restarted user_service should be used again
+# within a second or two, since every Retrieve needs it.
+_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+              ("grpc.max_reconnect_backoff_ms", 2000)]  # fmt: skip
+
+
+class UserEncoder:
+    def __init__(self, address: str, channel_options: list[tuple[str, int]]) -> None:
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address, options=[*channel_options, *_RECONNECT])
+        self._stub = user_tower_pb2_grpc.UserTowerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.reachable = False  # last known: user_service answered (health SERVING or a good call)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def encode(self, user: common_pb2.UserContext, timeout: float) -> tuple[torch.Tensor, str]:
+        """The user's embedding [D] fp32 and the fingerprint of the model that made it."""
+        request = user_tower_pb2.EncodeUsersRequest(users=[user])
+        try:
+            response = await self._stub.EncodeUsers(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._map_error(exc) from None
+        self.reachable = True
+        emb = codec.decode_torch(response.embeddings, "user embedding", _EMBEDDING_DTYPES, shape=(1, None))
+        return emb[0].float(), response.model.fingerprint
+
+    def _map_error(self, exc: grpc.aio.AioRpcError) -> Exception:
+        code, details = exc.code(), exc.details()
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidInput(details)  # the user context broke a model limit (e.g. a feature id)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExpired(f"deadline passed while user_service encoded the user ({details})")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return Overloaded(f"user_service is overloaded: {details}")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self.reachable = False
+            return NotReady(f"user_service at {self.address} is unavailable: {details}")
+        logger.warning("user_service EncodeUsers failed: %s %s", code.name, details)
+        return NotReady(f"user_service at {self.address} failed to encode the user ({code.name})")
+
+    async def probe(self, timeout: float) -> bool:
+        """True when user_service reports SERVING; updates `reachable`."""
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+            self.reachable = reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            self.reachable = False
+        return self.reachable
