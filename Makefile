@@ -22,14 +22,14 @@ $(PY):
 $(SETUP_STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,parquet]"
 	touch $@
 
 proto: $(PROTO_STAMP)
 
 # Generated code goes to ./twotower (gitignored): protoc's imports (`from twotower.v1 import ...`)
 # resolve as-is because the package root is on sys.path (editable install / repo root).
-$(PROTO_STAMP): $(PROTO_SRC) $(SETUP_STAMP)
+$(PROTO_STAMP): $(PROTO_SRC) constraints.txt | $(SETUP_STAMP)
 	rm -rf twotower
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
 	touch twotower/__init__.py twotower/v1/__init__.py

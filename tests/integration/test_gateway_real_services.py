@@ -4,7 +4,6 @@ or delete made through candidate_service shows in Retrieve within a bounded time
 
 from __future__ import annotations
 
-import json
 import time
 
 import grpc
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 
 from shared import codec
-from tests.support import ServiceProcess
+from tests.integration.stacks import launch_stack, write_items
 from twotower.v1 import (
     candidate_tower_pb2,
     candidate_tower_pb2_grpc,
@@ -29,33 +28,8 @@ BOUND_S = 10.0  # an acknowledged change must be visible in Retrieve within this
 
 @pytest.fixture
 def stack(tmp_path, tiny_checkpoint):
-    items = tmp_path / "items.jsonl"
-    rows = [{"post_id": i, "author_id": i % 4, "attributes": {"n": str(i)}} for i in range(1, N + 1)]
-    items.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    started: list[ServiceProcess] = []
-    try:
-        cand_args = [
-            "--checkpoint",
-            str(tiny_checkpoint),
-            "--items",
-            str(items),
-            "--cache-dir",
-            str(tmp_path / "c"),
-        ]
-        cand = ServiceProcess("candidate_service", cand_args, tmp_path)
-        started.append(cand)
-        user = ServiceProcess("user_service", ["--checkpoint", str(tiny_checkpoint)], tmp_path)
-        started.append(user)
-        cand.wait_serving(120)
-        user.wait_serving(120)
-        gw_args = ["--user-service", user.address, "--candidate-service", cand.address, "--device", "cpu"]
-        gateway = ServiceProcess("retrieval_gateway", gw_args, tmp_path)
-        started.append(gateway)
-        gateway.wait_serving(120)
-        yield cand, user, gateway
-    finally:
-        for proc in reversed(started):
-            proc.stop()
+    with launch_stack(tmp_path, tiny_checkpoint, write_items(tmp_path / "items.jsonl", N)) as services:
+        yield services
 
 
 def user_context() -> common_pb2.UserContext:

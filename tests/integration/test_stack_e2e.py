@@ -1,0 +1,158 @@
+"""End to end through the client library and the CLI: the three real services as subprocesses with a
+small random-init checkpoint and corpus, compared with the same model computed in this process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from shared.client import HistoryEvent, TwoTowerClient
+from shared.client.library import health
+from shared.model.checkpoint import load_checkpoint
+from shared.model.features import UserContext, featurize_items, featurize_users
+from tests.integration.stacks import launch_stack, write_items
+from tests.support import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # three processes, each importing torch
+
+N = 80
+HISTORY = [HistoryEvent(3, 3, ("favorite",)), HistoryEvent(11, 3, ("reply", "click")), HistoryEvent(40, 0)]
+BOUND_S = 10.0
+
+
+def expected_top(checkpoint, k: int, exclude: set[int]) -> tuple[list[int], np.ndarray]:
+    """The same model, in this process: user tower on the history, candidate tower on the corpus,
+    exact top-k (descending score, ties by ascending post id)."""
+    model = load_checkpoint(checkpoint).model
+    ctx = UserContext.build(
+        7, [e.post_id for e in HISTORY], [e.author_id for e in HISTORY],
+        [[{"favorite": 0, "reply": 1, "click": 4}[a] for a in e.actions] for e in HISTORY],
+    )  # fmt: skip
+    posts = np.arange(1, N + 1)
+    with torch.inference_mode():
+        user = model.encode_users(featurize_users([ctx], model.config))[0].double().numpy()
+        items = model.encode_items(featurize_items(posts, posts % 4, model.config)).double().numpy()
+    scores = items @ user
+    keep = ~np.isin(posts, list(exclude))
+    order = np.lexsort((posts[keep], -scores[keep]))[:k]
+    return posts[keep][order].tolist(), scores[keep][order]
+
+
+def wait_until(predicate, what: str) -> None:
+    deadline = time.monotonic() + BOUND_S
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not visible within {BOUND_S}s")
+
+
+def test_stack_end_to_end(tmp_path, tiny_checkpoint):
+    items = write_items(tmp_path / "items.jsonl", N)
+    with launch_stack(tmp_path, tiny_checkpoint, items) as (cand, user, gateway):
+        assert [health(s.address) for s in (cand, user, gateway)] == ["SERVING"] * 3
+        with TwoTowerClient(gateway=gateway.address, candidate=cand.address) as client:
+            # k distinct items, descending score, equal to the in-process model
+            result = client.retrieve(7, HISTORY, k=10)
+            ids = [it.post_id for it in result.items]
+            want_ids, want_scores = expected_top(tiny_checkpoint, 10, exclude=set())
+            assert ids == want_ids and len(set(ids)) == 10
+            np.testing.assert_allclose([it.score for it in result.items], want_scores, atol=1e-5)
+            assert all(a.score >= b.score for a, b in zip(result.items, result.items[1:], strict=False))
+            assert result.model_fingerprint == load_checkpoint(tiny_checkpoint).fingerprint
+
+            # history items excluded when asked
+            excluded = client.retrieve(7, HISTORY, k=N, exclude_history=True)
+            assert {3, 11, 40}.isdisjoint(it.post_id for it in excluded.items) and len(
+                excluded.items
+            ) == N - 3
+            assert [it.post_id for it in excluded.items][:10] == expected_top(
+                tiny_checkpoint, 10, {3, 11, 40}
+            )[0]
+
+            # an upsert becomes retrievable, a delete disappears, within a bounded time
+            version = client.upsert([{"post_id": 9001, "author_id": 1, "attributes": {"n": "new"}}]).version
+            wait_until(
+                lambda: any(it.post_id == 9001 for it in client.retrieve(7, HISTORY, k=N + 1).items), "upsert"
+            )
+            fresh = client.retrieve(7, HISTORY, k=N + 1)
+            assert fresh.corpus_version >= version
+            assert [it.attributes for it in fresh.items if it.post_id == 9001] == [{"n": "new"}]
+            client.delete([9001, ids[0]])
+            wait_until(lambda: len(client.retrieve(7, HISTORY, k=N + 1).items) == N - 1, "delete")
+            assert {9001, ids[0]}.isdisjoint(it.post_id for it in client.retrieve(7, HISTORY, k=N + 1).items)
+
+        # the CLI prints a readable table against the same stack
+        cli = subprocess.run(
+            [sys.executable, "-m", "shared.client.cli", "--gateway", gateway.address,
+             "--candidate", cand.address, "--user-service", user.address,
+             "retrieve", "--user-id", "7", "--history", "3:favorite", "-k", "3"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert cli.returncode == 0, cli.stderr
+        assert cli.stdout.splitlines()[1].split()[0] == "rank" and "corpus version" in cli.stdout
+
+        # every service shuts down cleanly on SIGTERM (gateway first, as an operator would)
+        for svc in (gateway, user, cand):
+            assert svc.stop() == 0, svc.log()
+            assert "Traceback" not in svc.log(), svc.log()
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_run_stack_supervisor_starts_serves_and_stops(tmp_path, tiny_checkpoint):
+    """What `make run-stack` runs: all three up, the printed example works, Ctrl-C stops everything."""
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    os.symlink(tiny_checkpoint, artifacts / "checkpoint")
+    write_items(artifacts / "items.jsonl", N)
+    g, u, c = _free_ports(3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.stack", "--artifacts", str(artifacts),
+         "--cache-dir", str(tmp_path / "cache"), "--log-dir", str(tmp_path / "logs"),
+         "--gateway-port", str(g), "--user-port", str(u), "--candidate-port", str(c), "--device", "cpu"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "The stack is up" in line:
+                break
+        assert any("The stack is up" in ln for ln in lines), "".join(lines)
+        status = subprocess.run(
+            [sys.executable, "-m", "shared.client.cli", "--gateway", f"127.0.0.1:{g}", "--candidate",
+             f"127.0.0.1:{c}", "--user-service", f"127.0.0.1:{u}", "status"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert status.returncode == 0 and status.stdout.count("SERVING") == 3, status.stdout + status.stderr
+        for name in ("candidate_service", "user_service", "retrieval_gateway"):
+            assert (tmp_path / "logs" / f"{name}.log").stat().st_size > 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, "".join(lines) + out
+    assert "all services stopped" in out
+    for port in (g, u, c):  # nothing left listening
+        assert health(f"127.0.0.1:{port}", timeout=0.5) == "UNREACHABLE"
