@@ -11,7 +11,7 @@ PROTO_SRC := $(wildcard protos/twotower/v1/*.proto)
 PROTO_STAMP := twotower/.generated
 SETUP_STAMP := $(VENV)/.installed
 
-.PHONY: setup proto test lint format clean
+.PHONY: setup proto test lint format clean train run-stack
 
 setup: $(SETUP_STAMP) $(PROTO_STAMP)
 
@@ -34,6 +34,28 @@ $(PROTO_STAMP): $(PROTO_SRC) constraints.txt | $(SETUP_STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
 	touch twotower/__init__.py twotower/v1/__init__.py
 	touch $@
+
+# MovieLens-100K (GroupLens), as packaged in the RecBole 1.2.1 wheel: fetched once into .cache/ (never
+# committed, never installed), read out of the zip by training/data.py, which verifies its digests.
+MOVIELENS_CACHE := .cache/recbole
+MOVIELENS_WHEEL := $(MOVIELENS_CACHE)/recbole-1.2.1-py3-none-any.whl
+ARTIFACTS ?= artifacts/movielens
+TRAIN_ARGS ?=
+STACK_ARGS ?=
+
+$(MOVIELENS_WHEEL): | $(SETUP_STAMP)
+	$(PY) -m pip download --quiet --no-deps recbole==1.2.1 -d $(MOVIELENS_CACHE)
+
+# Retrains only when the data, the training code or the model code changed since the last export
+# (metrics.json is written last, inside a directory swapped in atomically).
+$(ARTIFACTS)/metrics.json: $(MOVIELENS_WHEEL) $(wildcard training/*.py) $(wildcard shared/model/*.py) | $(SETUP_STAMP)
+	$(PY) -m training --out $(ARTIFACTS) --cache-dir $(MOVIELENS_CACHE) $(TRAIN_ARGS)
+
+train: setup $(ARTIFACTS)/metrics.json
+
+# The three services on loopback with the MovieLens model and corpus (trained first when missing).
+run-stack: setup $(ARTIFACTS)/metrics.json
+	$(PY) -m shared.stack --artifacts $(ARTIFACTS) $(STACK_ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

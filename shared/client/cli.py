@@ -49,8 +49,9 @@ def parse_history(specs: Sequence[str]) -> list[HistoryEvent]:
     return events
 
 
-def movielens_history(artifacts: Path, user_id: int) -> list[HistoryEvent]:
-    """The user's whole MovieLens history (oldest first) from the training artifacts."""
+def movielens_user(artifacts: Path, user_id: int) -> tuple[list[HistoryEvent], list[int]]:
+    """A MovieLens user's history (oldest first, up to their held-out test movie) and user-feature ids
+    (gender, age bucket, occupation: the trained model expects them) from the training artifacts."""
     path = artifacts / "histories.jsonl"
     if not path.is_file():
         raise UsageError(f"{path} not found: run `make train` (or `make run-stack`) first")
@@ -58,7 +59,7 @@ def movielens_history(artifacts: Path, user_id: int) -> list[HistoryEvent]:
         for line in f:
             record = json.loads(line)
             if record["user_id"] == user_id:
-                return [
+                history = [
                     HistoryEvent(
                         post_id=e["post_id"],
                         actions=tuple(e.get("actions", ())),
@@ -66,6 +67,7 @@ def movielens_history(artifacts: Path, user_id: int) -> list[HistoryEvent]:
                     )
                     for e in record["history"]
                 ]
+                return history, [int(v) for v in record.get("user_features", [])]
     raise UsageError(f"MovieLens user {user_id} not found in {path}")
 
 
@@ -143,16 +145,16 @@ def _items_from_args(args: argparse.Namespace) -> list[dict]:
 def run(args: argparse.Namespace) -> str:
     with TwoTowerClient(gateway=args.gateway, candidate=args.candidate, timeout=args.timeout) as client:
         if args.command == "retrieve":
+            features: list[int] = []
             if args.movielens_user is not None:
-                user_id, history = (
-                    args.movielens_user,
-                    movielens_history(Path(args.artifacts), args.movielens_user),
-                )
+                user_id = args.movielens_user
+                history, features = movielens_user(Path(args.artifacts), user_id)
             else:
                 user_id, history = args.user_id, parse_history(args.history)
             result = client.retrieve(
                 user_id, history, k=args.k, exclude_post_ids=args.exclude,
                 exclude_history=args.exclude_history, exclude_author_ids=args.exclude_authors,
+                user_features=features,
             )  # fmt: skip
             return f"user {user_id}, {len(history)} history events\n" + format_result(result)
         if args.command == "upsert":

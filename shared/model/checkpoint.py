@@ -64,6 +64,7 @@ def _atomic_write(target: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600: services running as another user must read it
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

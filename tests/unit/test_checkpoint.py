@@ -28,6 +28,11 @@ def test_round_trip_is_bit_identical(tiny_model, tiny_checkpoint):
     assert loaded.fingerprint == save_checkpoint(tiny_model, tiny_checkpoint.parent / "again")
 
 
+def test_checkpoint_files_are_world_readable(tiny_checkpoint):
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        assert (tiny_checkpoint / name).stat().st_mode & 0o777 == 0o644
+
+
 def test_same_seed_same_fingerprint_other_seed_differs(tiny_config, tmp_path):
     a = save_checkpoint(random_model(tiny_config, seed=3), tmp_path / "a")
     b = save_checkpoint(random_model(tiny_config, seed=3), tmp_path / "b")

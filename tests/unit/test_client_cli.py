@@ -29,14 +29,18 @@ def test_format_result_is_a_readable_table():
 
 
 def test_movielens_history_from_artifacts(tmp_path):
-    record = {"user_id": 42, "history": [{"post_id": 5, "actions": ["click"], "timestamp_ms": 1000}]}
+    record = {
+        "user_id": 42,
+        "user_features": [11, 22, 33],
+        "history": [{"post_id": 5, "actions": ["click"], "timestamp_ms": 1000}],
+    }
     (tmp_path / "histories.jsonl").write_text(json.dumps(record) + "\n")
-    events = cli.movielens_history(tmp_path, 42)
-    assert events[0].post_id == 5 and events[0].actions == ("click",)
+    events, features = cli.movielens_user(tmp_path, 42)
+    assert events[0].post_id == 5 and events[0].actions == ("click",) and features == [11, 22, 33]
     with pytest.raises(cli.UsageError, match="user 43 not found"):
-        cli.movielens_history(tmp_path, 43)
+        cli.movielens_user(tmp_path, 43)
     with pytest.raises(cli.UsageError, match="make train"):
-        cli.movielens_history(tmp_path / "missing", 42)
+        cli.movielens_user(tmp_path / "missing", 42)
 
 
 def _dead_address() -> str:
