@@ -57,6 +57,29 @@ train: setup $(ARTIFACTS)/metrics.json
 run-stack: setup $(ARTIFACTS)/metrics.json
 	$(PY) -m shared.stack --artifacts $(ARTIFACTS) $(STACK_ARGS)
 
+# Benchmarks: quick by default (the whole run stays under 10 minutes on the 2-core dev box); FULL=1 runs
+# the long versions. Results (JSON, report.md, PNG plots) go to results/ (gitignored).
+BENCH_MODE := $(if $(FULL),,--quick)
+BENCH_STAMP := $(VENV)/.installed-bench
+.PHONY: bench bench-candidate bench-user bench-index bench-e2e bench-report
+
+$(BENCH_STAMP): pyproject.toml constraints.txt | $(SETUP_STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,parquet,bench]"
+	touch $@
+
+bench: bench-candidate bench-user bench-index bench-e2e
+	$(PY) bench/report.py
+bench-candidate: setup $(BENCH_STAMP)
+	$(PY) bench/candidate_bench.py $(BENCH_MODE)
+bench-user: setup $(BENCH_STAMP)
+	$(PY) bench/user_bench.py $(BENCH_MODE)
+bench-index: setup $(BENCH_STAMP)
+	$(PY) bench/index_bench.py $(BENCH_MODE)
+bench-e2e: setup $(BENCH_STAMP) $(ARTIFACTS)/metrics.json
+	$(PY) bench/e2e_bench.py $(BENCH_MODE)
+bench-report: setup $(BENCH_STAMP)
+	$(PY) bench/report.py
+
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -1,0 +1,1 @@
+"""Benchmarks: component benches, the end-to-end load generator and the report writer."""
