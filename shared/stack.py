@@ -151,7 +151,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_ready(services: list[Managed], args: argparse.Namespace) -> None:
-    gateway, user, candidate = services[2], services[1], services[0]
+    candidate, user, gateway = services
+    defaults = (args.gateway_port, args.user_port, args.candidate_port) == (50051, 50052, 50053)
+    cli = ".venv/bin/twotower" + (
+        "" if defaults
+        else f" --gateway {gateway.address} --user-service {user.address} --candidate {candidate.address}"
+    )  # fmt: skip
     print(f"""
 The stack is up (Ctrl-C stops all three):
   retrieval_gateway  {gateway.address}   log {gateway.log_path}
@@ -159,9 +164,9 @@ The stack is up (Ctrl-C stops all three):
   candidate_service  {candidate.address}   log {candidate.log_path}
 
 Try, in another terminal:
-  .venv/bin/twotower retrieve --movielens-user 42 -k 10 --exclude-history
-  .venv/bin/twotower retrieve --user-id 7 --history 50:favorite 172:favorite,click 181:click -k 5
-  .venv/bin/twotower status
+  {cli} retrieve --movielens-user 42 -k 10 --exclude-history
+  {cli} retrieve --user-id 7 --history 50:favorite 172:favorite,click 181:click -k 5
+  {cli} status
 """, flush=True)  # fmt: skip
 
 

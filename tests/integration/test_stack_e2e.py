@@ -138,12 +138,14 @@ def test_run_stack_supervisor_starts_serves_and_stops(tmp_path, tiny_checkpoint)
             if not line:
                 break
             lines.append(line)
-            if "The stack is up" in line:
+            if line.strip().endswith(" status"):  # the last example the supervisor prints
                 break
         assert any("The stack is up" in ln for ln in lines), "".join(lines)
+        # run the printed example exactly as a person would copy it
+        example = lines[-1].split()
+        assert example[0] == ".venv/bin/twotower" and f"127.0.0.1:{g}" in example, lines[-1]
         status = subprocess.run(
-            [sys.executable, "-m", "shared.client.cli", "--gateway", f"127.0.0.1:{g}", "--candidate",
-             f"127.0.0.1:{c}", "--user-service", f"127.0.0.1:{u}", "status"],
+            [sys.executable, "-m", "shared.client.cli", *example[1:]],
             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert status.returncode == 0 and status.stdout.count("SERVING") == 3, status.stdout + status.stderr
