@@ -11,7 +11,7 @@ PROTO_SRC := $(wildcard protos/twotower/v1/*.proto)
 PROTO_STAMP := twotower/.generated
 SETUP_STAMP := $(VENV)/.installed
 
-.PHONY: setup proto test lint format clean train run-stack
+.PHONY: setup proto test test-reliability lint format clean train run-stack
 
 setup: $(SETUP_STAMP) $(PROTO_STAMP)
 
@@ -80,8 +80,13 @@ bench-e2e: setup $(BENCH_STAMP) $(ARTIFACTS)/metrics.json
 bench-report: setup $(BENCH_STAMP)
 	$(PY) bench/report.py
 
+# Everything but the slowest reliability tests (kill sweep, long soak): those run in test-reliability.
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not (reliability and slow)" $(PYTEST_ARGS)
+
+# Every reliability test: faults, bad input, overload and soak, TLS (~4.5 min on 2 cores).
+test-reliability: setup
+	$(PY) -m pytest -m reliability tests/reliability $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

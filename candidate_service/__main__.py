@@ -19,6 +19,7 @@ from candidate_service.server import serve
 from shared.errors import CheckpointError
 from shared.server.bootstrap import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions
 from shared.server.logs import configure_logging
+from shared.tls import add_server_tls_flags, server_tls_from_args
 
 logger = logging.getLogger("candidate_service")
 
@@ -57,6 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     p.add_argument("--grace-seconds", type=float, default=5.0)
     p.add_argument("--log-level", default=e("CANDIDATE_LOG_LEVEL", "INFO"))
+    add_server_tls_flags(p, "CANDIDATE")
     args = p.parse_args(argv)
     for flag, env in (("checkpoint", "TWOTOWER_CHECKPOINT"), ("items", "CANDIDATE_ITEMS"),
                       ("cache_dir", "CANDIDATE_CACHE_DIR")):  # fmt: skip
@@ -83,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> CandidateConfig:
             max_message_bytes=args.max_message_bytes,
             grace_seconds=args.grace_seconds,
             metrics_port=args.metrics_port,
+            tls=server_tls_from_args(args),
         ),
     )
 

@@ -28,6 +28,7 @@ from candidate_service.persistence import (
     cache_dir_for,
     read_log,
     read_snapshot,
+    remove_stale_temp_files,
     write_snapshot,
 )
 from candidate_service.store import Attrs, CorpusStore, Delta, Snapshot
@@ -109,6 +110,7 @@ class CandidateCore:
         items = read_items(self.config.items)
         self._items_digest = items.digest
         self._dir = cache_dir_for(self.config.cache_dir, encoder.fingerprint, items.digest)
+        remove_stale_temp_files(self._dir)
         replayed: list[Delta] = []
         log_records, log_end = 0, 0
         try:

@@ -73,6 +73,16 @@ def atomic_write(target: Path, write: Callable[[str], None]) -> None:
             os.unlink(tmp)
 
 
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Delete what `atomic_write` leaves when the process is killed mid-write (a snapshot-sized file per
+    crash otherwise). Only the process that owns the cache directory may call this, at start-up."""
+    stale = list(directory.glob(".*.tmp")) if directory.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+        logger.warning("removed %s, left by an interrupted write", path)
+    return stale
+
+
 # -- snapshot ----------------------------------------------------------------------------------------
 
 

@@ -51,5 +51,10 @@ class CandidateTowerServicer(candidate_tower_pb2_grpc.CandidateTowerServicer):
     async def WatchCorpus(
         self, request: pb.WatchCorpusRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CorpusEvent]:
+        # Headers now, not with the first event: a watcher that is up to date gets no event for a while
+        # and must still know that the stream is established (once the corpus is loaded: info() raises
+        # NotReady before that).
+        self.core.info()
+        await context.send_initial_metadata(())
         async for event in self.core.watch(request.known_version, request.known_fingerprint):
             yield wire.snapshot_event(event) if isinstance(event, SnapshotPart) else wire.delta_event(event)

@@ -14,6 +14,7 @@ from retrieval_gateway.config import DEFAULT_MAX_EXCLUSIONS, DEFAULT_MAX_K, Gate
 from retrieval_gateway.server import serve
 from shared.server.bootstrap import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions
 from shared.server.logs import configure_logging
+from shared.tls import add_client_tls_flags, add_server_tls_flags, client_tls_from_args, server_tls_from_args
 
 logger = logging.getLogger("retrieval_gateway")
 
@@ -78,6 +79,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     p.add_argument("--grace-seconds", type=float, default=5.0)
     p.add_argument("--log-level", default=e("GATEWAY_LOG_LEVEL", "INFO"))
+    add_server_tls_flags(p, "GATEWAY")
+    add_client_tls_flags(p, "upstream-", "GATEWAY", "user_service and candidate_service")
     args = p.parse_args(argv)
     for flag in ("user_service", "candidate_service"):
         if not getattr(args, flag):
@@ -101,12 +104,14 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_corpus_items=args.max_corpus_items,
         reconnect_max_s=args.reconnect_max_s,
         port_file=args.port_file,
+        upstream_tls=client_tls_from_args(args, "upstream-"),
         server=ServerOptions(
             host=args.host,
             port=args.port,
             max_message_bytes=args.max_message_bytes,
             grace_seconds=args.grace_seconds,
             metrics_port=args.metrics_port,
+            tls=server_tls_from_args(args),
         ),
     )
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from retrieval_gateway.index import DTYPES
 from retrieval_gateway.topk import DEFAULT_MAX_SCORE_ELEMENTS
 from shared.server.bootstrap import ServerOptions
+from shared.tls import ClientTLS
 
 DEFAULT_MAX_K = 2048
 DEFAULT_MAX_EXCLUSIONS = 10_000  # per list (post ids, author ids), as documented in the proto
@@ -36,6 +37,9 @@ class GatewayConfig:
     reconnect_max_s: float = 5.0  # ... up to this, with full jitter
     health_poll_s: float = 1.0  # how often user_service's health is checked
     port_file: str | None = None  # the bound port is written here once listening
+    # TLS of the channels to user_service and candidate_service (None = plaintext); with a client cert
+    # and key the gateway authenticates itself to towers that require mutual TLS.
+    upstream_tls: ClientTLS | None = None
 
     def __post_init__(self) -> None:
         for name in ("user_service", "candidate_service"):

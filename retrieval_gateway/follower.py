@@ -22,6 +22,7 @@ from retrieval_gateway import metrics
 from retrieval_gateway.index import CorpusGap, CorpusIndex
 from shared import codec
 from shared.errors import InvalidInput
+from shared.tls import ClientTLS, aio_channel
 from twotower.v1 import candidate_tower_pb2, candidate_tower_pb2_grpc, common_pb2
 
 logger = logging.getLogger(__name__)
@@ -107,8 +108,10 @@ class CorpusFollower:
         backoff_initial_s: float,
         backoff_max_s: float,
         on_change: Callable[[], None] = lambda: None,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.address = address
+        self._tls = tls  # None = plaintext
         self.index = index
         # grpc's own reconnect backoff grows to 120 s by default: cap it at ours so that a restarted
         # candidate_service is found within reconnect_max_s, not minutes later.
@@ -129,7 +132,7 @@ class CorpusFollower:
         """Follow forever (until cancelled)."""
         failures = 0
         fresh = False  # True after a gap: ask for a new snapshot rather than deltas
-        async with grpc.aio.insecure_channel(self.address, options=self._options) as channel:
+        async with aio_channel(self.address, self._options, self._tls) as channel:
             stub = candidate_tower_pb2_grpc.CandidateTowerStub(channel)
             while True:
                 info = self.index.info()
@@ -139,11 +142,14 @@ class CorpusFollower:
                 call = stub.WatchCorpus(request)
                 self._assembler = None
                 try:
+                    # The server sends its headers as soon as it accepts the stream: connected from here,
+                    # even when no event follows for a while (a resumed watcher that is up to date).
+                    await call.initial_metadata()
+                    self._connected(request.known_version)
+                    failures = 0
                     async for event in call:
-                        if not self.connected:
-                            logger.info("watching corpus at %s from v%d", self.address, request.known_version)
-                        self.connected, failures = True, 0
-                        metrics.CANDIDATE_CONNECTED.set(1)
+                        self._connected(request.known_version)
+                        failures = 0
                         fresh = await self._handle(event)
                     reason = "stream ended"
                 except (CorpusGap, InvalidInput) as exc:
@@ -162,6 +168,12 @@ class CorpusFollower:
                 metrics.RECONNECTS.labels(reason).inc()
                 failures += 1
                 await asyncio.sleep(self._delay(failures))
+
+    def _connected(self, known_version: int) -> None:
+        if not self.connected:
+            logger.info("watching corpus at %s from v%d", self.address, known_version)
+        self.connected = True
+        metrics.CANDIDATE_CONNECTED.set(1)
 
     def _delay(self, failures: int) -> float:
         """Exponential, capped, half-jittered so that many gateways do not reconnect in lockstep."""

@@ -31,7 +31,7 @@ class Gateway:
         self.device = pick_device(config.device)
         self.index = CorpusIndex(self.device, config.dtype, config.max_score_elements, config.fused_gemv)
         options = config.server.channel_options()
-        self.users = UserEncoder(config.user_service, options)
+        self.users = UserEncoder(config.user_service, options, tls=config.upstream_tls)
         self.batcher: MicroBatcher[Query, SearchResult] = MicroBatcher(
             self.index.search,
             max_batch_size=config.max_batch_size,
@@ -49,6 +49,7 @@ class Gateway:
             backoff_initial_s=config.reconnect_initial_s,
             backoff_max_s=config.reconnect_max_s,
             on_change=self._on_corpus_change,
+            tls=config.upstream_tls,
         )
         self._tasks: list[asyncio.Task] = []
 

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared import codec
 from shared.errors import DeadlineExpired, InvalidInput, NotReady, Overloaded
+from shared.tls import ClientTLS, aio_channel
 from twotower.v1 import common_pb2, user_tower_pb2, user_tower_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -23,9 +24,11 @@ _RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_b
 
 
 class UserEncoder:
-    def __init__(self, address: str, channel_options: list[tuple[str, int]]) -> None:
+    def __init__(
+        self, address: str, channel_options: list[tuple[str, int]], tls: ClientTLS | None = None
+    ) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=[*channel_options, *_RECONNECT])
+        self._channel = aio_channel(address, [*channel_options, *_RECONNECT], tls)
         self._stub = user_tower_pb2_grpc.UserTowerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.reachable = False  # last known: user_service answered (health SERVING or a good call)
@@ -41,7 +44,12 @@ class UserEncoder:
         except grpc.aio.AioRpcError as exc:
             raise self._map_error(exc) from None
         self.reachable = True
-        emb = codec.decode_torch(response.embeddings, "user embedding", _EMBEDDING_DTYPES, shape=(1, None))
+        try:
+            emb = codec.decode_torch(response.embeddings, "user embedding", _EMBEDDING_DTYPES, (1, None))
+        except InvalidInput as exc:
+            # user_service's fault, not the caller's: INVALID_ARGUMENT would say "fix your request".
+            logger.warning("user_service at %s sent a malformed embedding: %s", self.address, exc)
+            raise NotReady(f"user_service at {self.address} returned a malformed embedding: {exc}") from None
         return emb[0].float(), response.model.fingerprint
 
     def _map_error(self, exc: grpc.aio.AioRpcError) -> Exception:

@@ -2,7 +2,8 @@
 
 A service started with `--port 0 --port-file F` binds any free port and writes it to F once it listens;
 `ServiceProcess` waits for that file and then for grpc.health.v1 SERVING, with bounded timeouts, and
-always stops the process (SIGTERM, then SIGKILL) when the test ends.
+always stops the process (SIGTERM, then SIGKILL) when the test ends. A service that serves TLS is
+probed with the `tls` client settings given to `ServiceProcess`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.tls import ClientTLS, sync_channel
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def health_status(address: str, service: str = "", timeout: float = 1.0) -> int | None:
+def health_status(
+    address: str, service: str = "", timeout: float = 1.0, tls: ClientTLS | None = None
+) -> int | None:
     """The health status of `service` at `address`, or None if it does not answer."""
     try:
-        with grpc.insecure_channel(address) as channel:
+        with sync_channel(address, (), tls) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
     except grpc.RpcError:
@@ -31,8 +36,18 @@ def health_status(address: str, service: str = "", timeout: float = 1.0) -> int 
 
 
 class ServiceProcess:
-    def __init__(self, module: str, args: list[str], tmp_dir: Path, name: str | None = None) -> None:
+    def __init__(
+        self,
+        module: str,
+        args: list[str],
+        tmp_dir: Path,
+        name: str | None = None,
+        *,
+        tls: ClientTLS | None = None,
+    ) -> None:
+        """`args` may repeat `--port N` to bind a fixed port (the last --port wins), e.g. on a restart."""
         self.name = name or module
+        self.tls = tls  # client settings for health probes of a TLS server
         self.port_file = tmp_dir / f"{self.name}.port"
         self.log_path = tmp_dir / f"{self.name}.log"
         self.port_file.unlink(missing_ok=True)
@@ -71,10 +86,19 @@ class ServiceProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
-            if health_status(self.address) == health_pb2.HealthCheckResponse.SERVING:
+            if health_status(self.address, tls=self.tls) == health_pb2.HealthCheckResponse.SERVING:
                 return self
             time.sleep(0.1)
         raise TimeoutError(f"{self.name} not SERVING within {timeout}s:\n{self.log()}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill(self) -> int:
+        """SIGKILL (a crash: no shutdown code runs) and reap; returns the exit code."""
+        self.signal(signal.SIGKILL)
+        return self.proc.wait(10)
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:

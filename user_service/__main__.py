@@ -13,6 +13,7 @@ from pathlib import Path
 from shared.errors import CheckpointError
 from shared.server.bootstrap import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions
 from shared.server.logs import configure_logging
+from shared.tls import add_server_tls_flags, server_tls_from_args
 from user_service.config import DEVICES, DTYPES, UserServiceConfig
 from user_service.server import serve
 
@@ -93,6 +94,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     p.add_argument("--grace-seconds", type=float, default=5.0)
     p.add_argument("--log-level", default=e("USER_SERVICE_LOG_LEVEL", "INFO"))
+    add_server_tls_flags(p, "USER_SERVICE")
     args = p.parse_args(argv)
     if not args.checkpoint:
         p.error("--checkpoint (or TWOTOWER_CHECKPOINT) is required")
@@ -117,6 +119,7 @@ def config_from_args(args: argparse.Namespace) -> UserServiceConfig:
             max_message_bytes=args.max_message_bytes,
             grace_seconds=args.grace_seconds,
             metrics_port=args.metrics_port,
+            tls=server_tls_from_args(args),
         ),
     )
 

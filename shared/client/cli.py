@@ -10,6 +10,8 @@
 
 Addresses default to the stack's ports and can be set by flags or TWOTOWER_GATEWAY,
 TWOTOWER_CANDIDATE, TWOTOWER_USER_SERVICE. Errors print one line (no traceback) and exit 1.
+TLS: `--tls-ca CA.pem` verifies the servers; add `--tls-cert --tls-key` for mutual TLS (env
+TWOTOWER_TLS_CA, TWOTOWER_TLS_CERT, TWOTOWER_TLS_KEY); the same settings apply to every address.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import grpc
 
 from shared.client.library import HistoryEvent, RetrieveResult, TwoTowerClient, health
+from shared.tls import ClientTLS, TLSConfigError, add_client_tls_flags, client_tls_from_args
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 DEFAULT_USER_SERVICE = "127.0.0.1:50052"
@@ -96,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--user-service", default=os.environ.get("TWOTOWER_USER_SERVICE", DEFAULT_USER_SERVICE)
     )
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    add_client_tls_flags(parser, "", "TWOTOWER", "the services")
     sub = parser.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("retrieve", help="top-k items for a user")
@@ -143,7 +147,8 @@ def _items_from_args(args: argparse.Namespace) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> str:
-    with TwoTowerClient(gateway=args.gateway, candidate=args.candidate, timeout=args.timeout) as client:
+    tls = client_tls_from_args(args)
+    with TwoTowerClient(args.gateway, args.candidate, args.timeout, tls=tls) as client:
         if args.command == "retrieve":
             features: list[int] = []
             if args.movielens_user is not None:
@@ -164,15 +169,15 @@ def run(args: argparse.Namespace) -> str:
             r = client.delete(args.post_ids)
             unknown = f", unknown ids: {list(r.unknown_post_ids)}" if r.unknown_post_ids else ""
             return f"corpus version {r.version}: {r.deleted} deleted{unknown}"
-        return _status(client, args)
+        return _status(client, args, tls)
 
 
-def _status(client: TwoTowerClient, args: argparse.Namespace) -> str:
+def _status(client: TwoTowerClient, args: argparse.Namespace, tls: ClientTLS | None) -> str:
     lines = [
         f"{'service':<18} {'address':<22} health",
-        f"{'retrieval_gateway':<18} {args.gateway:<22} {health(args.gateway)}",
-        f"{'user_service':<18} {args.user_service:<22} {health(args.user_service)}",
-        f"{'candidate_service':<18} {args.candidate:<22} {health(args.candidate)}",
+        f"{'retrieval_gateway':<18} {args.gateway:<22} {health(args.gateway, tls=tls)}",
+        f"{'user_service':<18} {args.user_service:<22} {health(args.user_service, tls=tls)}",
+        f"{'candidate_service':<18} {args.candidate:<22} {health(args.candidate, tls=tls)}",
     ]
     for name, call in (("gateway", client.gateway_status), ("corpus", client.corpus_info)):
         try:
@@ -190,8 +195,13 @@ def _fields(message) -> list[tuple[str, object]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        tls = client_tls_from_args(args)  # reads the files: a bad one is a one-line error
+    except TLSConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if args.command == "health":  # no client needed; used by container health checks
-        status = health(args.address, timeout=args.timeout)
+        status = health(args.address, timeout=args.timeout, tls=tls)
         print(status)
         return 0 if status == "SERVING" else 1
     try:

@@ -9,6 +9,9 @@
         client.upsert([{"post_id": 5000, "attributes": {"title": "New movie"}}])
 
 Errors come back as `grpc.RpcError` with the server's status code and message.
+
+TLS: pass `tls=ClientTLS(ca=Path("ca.pem"))` to verify the servers, plus `cert=` and `key=` for
+servers that require client certificates (mutual TLS); the same settings are used for both addresses.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.server.bootstrap import DEFAULT_MAX_MESSAGE_BYTES
+from shared.tls import ClientTLS, sync_channel
 from twotower.v1 import (
     candidate_tower_pb2,
     candidate_tower_pb2_grpc,
@@ -82,6 +86,7 @@ class TwoTowerClient:
         candidate: str | None = None,
         timeout: float = 10.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.timeout = timeout
         options = [
@@ -91,7 +96,7 @@ class TwoTowerClient:
         self._channels: dict[str, grpc.Channel] = {}
         for name, address in (("gateway", gateway), ("candidate", candidate)):
             if address:
-                self._channels[name] = grpc.insecure_channel(address, options=options)
+                self._channels[name] = sync_channel(address, options, tls)
 
     def _channel(self, name: str) -> grpc.Channel:
         if name not in self._channels:
@@ -158,10 +163,11 @@ class TwoTowerClient:
         self.close()
 
 
-def health(address: str, timeout: float = 2.0) -> str:
-    """grpc.health.v1 status of the server at `address` ("SERVING", "NOT_SERVING", ... or "UNREACHABLE")."""
+def health(address: str, timeout: float = 2.0, tls: ClientTLS | None = None) -> str:
+    """grpc.health.v1 status of the server at `address` ("SERVING", "NOT_SERVING", ... or "UNREACHABLE";
+    a TLS handshake that fails, e.g. for want of a valid client certificate, is UNREACHABLE too)."""
     try:
-        with grpc.insecure_channel(address) as channel:
+        with sync_channel(address, (), tls) as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
             )

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared.server.interceptor import ErrorMappingInterceptor
+from shared.tls import ServerTLS
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class ServerOptions:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # both directions
     grace_seconds: float = 5.0  # in-flight RPCs may finish within this after SIGTERM
     metrics_port: int | None = None  # Prometheus HTTP endpoint on `host`; None = off, 0 = any free port
+    tls: ServerTLS | None = None  # None = plaintext; with client_ca = mutual TLS (client certs required)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -94,7 +96,10 @@ def create_grpc_server(
     )
     address = f"{options.host}:{options.port}"
     try:
-        port = server.add_insecure_port(address)
+        if options.tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, options.tls.credentials())
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}") from exc
     if port == 0:

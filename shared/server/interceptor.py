@@ -51,19 +51,46 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary and inspect.iscoroutinefunction(handler.unary_unary):
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler  # health, reflection and other library handlers pass through
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid message: grpc would answer UNKNOWN for a
+    deserializer that raises, so the handler wrapper raises InvalidInput (INVALID_ARGUMENT) instead."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, or anything a custom deserializer raises
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+def _check_decoded(request) -> None:
+    if isinstance(request, _Undecodable):
+        raise errors.InvalidInput(f"the request is not a valid protobuf message ({request.error})")
 
 
 async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
@@ -78,6 +105,7 @@ def _wrap_unary(behavior: Callable, method: str) -> Callable:
     async def wrapper(request, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         try:
+            _check_decoded(request)
             response = await behavior(request, context)
         except grpc.aio.AbortError:
             raise  # the handler aborted deliberately with its own status
@@ -97,6 +125,7 @@ def _wrap_stream(behavior: Callable, method: str) -> Callable:
     async def wrapper(request, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         try:
+            _check_decoded(request)
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:
