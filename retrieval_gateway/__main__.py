@@ -56,8 +56,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-batch-size", type=int, default=e("GATEWAY_MAX_BATCH_SIZE", "32"), help="queries per matmul"
     )
-    p.add_argument("--max-wait-ms", type=float, default=e("GATEWAY_MAX_WAIT_MS", "1"),
-                   help="how long a batch waits for more queries after its first")  # fmt: skip
+    p.add_argument("--max-wait-ms", type=float, default=e("GATEWAY_MAX_WAIT_MS", "0"),
+                   help="how long a batch waits for more queries after its first (0: batches form "
+                        "from what queues while the previous batch runs)")  # fmt: skip
     p.add_argument("--max-queue", type=int, default=e("GATEWAY_MAX_QUEUE", "1024"),
                    help="queries waiting for scoring; beyond it calls get RESOURCE_EXHAUSTED")  # fmt: skip
     p.add_argument("--user-timeout-s", type=float, default=e("GATEWAY_USER_TIMEOUT_S", "5"),

@@ -28,7 +28,7 @@ class GatewayConfig:
     max_exclusions: int = DEFAULT_MAX_EXCLUSIONS
     max_history_events: int = DEFAULT_MAX_HISTORY_EVENTS
     max_batch_size: int = 32  # queries per matmul
-    max_wait_ms: float = 1.0  # longest a query waits for others to join its batch
+    max_wait_ms: float = 0.0  # longest a query waits for others to join its batch (see user_service)
     max_queue: int = 1024  # queued queries beyond this are RESOURCE_EXHAUSTED at once
     max_score_elements: int = DEFAULT_MAX_SCORE_ELEMENTS  # scores materialised at once (B x chunk)
     user_timeout_s: float = 5.0  # user_service call timeout when the caller sets no deadline

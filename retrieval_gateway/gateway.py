@@ -10,6 +10,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
+
+import torch
 
 from retrieval_gateway import metrics
 from retrieval_gateway.config import GatewayConfig
@@ -18,11 +21,17 @@ from retrieval_gateway.follower import CorpusFollower
 from retrieval_gateway.index import CorpusIndex, CorpusInfo, Query, SearchResult, model_mismatch, pick_device
 from retrieval_gateway.user_client import UserEncoder
 from shared.batching import BatchReport, MicroBatcher
-from shared.errors import ModelMismatch, NotReady, ServiceError
+from shared.errors import InvalidInput, ModelMismatch, NotReady, ServiceError
 from shared.server.bootstrap import Health
-from twotower.v1 import retrieval_gateway_pb2
+from twotower.v1 import common_pb2, retrieval_gateway_pb2
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _UserJob:
+    user: common_pb2.UserContext
+    deadline: float  # loop.time() by which the caller stops waiting for its embedding
 
 
 class Gateway:
@@ -32,6 +41,15 @@ class Gateway:
         self.index = CorpusIndex(self.device, config.dtype, config.max_score_elements, config.fused_gemv)
         options = config.server.channel_options()
         self.users = UserEncoder(config.user_service, options, tls=config.upstream_tls)
+        # Concurrent requests share one EncodeUsers call (user_service batches the forward pass; this
+        # saves one RPC per request on both sides). Awaited on the loop: it is I/O, not compute.
+        self.user_batcher: MicroBatcher[_UserJob, tuple[torch.Tensor, str]] = MicroBatcher(
+            self._encode_users,
+            max_batch_size=config.max_batch_size,
+            max_wait_s=config.max_wait_ms / 1000.0,
+            max_queue=config.max_queue,
+            name="gateway-user-encode",
+        )
         self.batcher: MicroBatcher[Query, SearchResult] = MicroBatcher(
             self.index.search,
             max_batch_size=config.max_batch_size,
@@ -57,6 +75,7 @@ class Gateway:
     def start(self, health: Health) -> None:
         """Start scoring, following the corpus and tracking readiness (on the running loop)."""
         self.batcher.start()
+        self.user_batcher.start()
         self._tasks = [
             asyncio.create_task(self.follower.run(), name="corpus-follower"),
             asyncio.create_task(self._track_readiness(health), name="readiness"),
@@ -69,6 +88,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        await self.user_batcher.stop()
         await self.batcher.stop()
         await self.users.close()
 
@@ -130,8 +150,9 @@ class Gateway:
         loop = asyncio.get_running_loop()
         deadline = None if time_remaining is None else loop.time() + time_remaining
         t0 = time.perf_counter()
-        embedding, fingerprint = await self.users.encode(
-            request.user, timeout=cfg.user_timeout_s if time_remaining is None else time_remaining
+        user_deadline = loop.time() + (cfg.user_timeout_s if time_remaining is None else time_remaining)
+        embedding, fingerprint = await self.user_batcher.submit(
+            _UserJob(request.user, user_deadline), deadline
         )
         t1 = time.perf_counter()
         metrics.LATENCY.labels("user_encode").observe(t1 - t0)
@@ -144,6 +165,27 @@ class Gateway:
         result = await self.batcher.submit(query, deadline)
         metrics.LATENCY.labels("scoring").observe(time.perf_counter() - t1)
         return result
+
+    async def _encode_users(self, jobs: list[_UserJob]) -> list[tuple[torch.Tensor, str] | BaseException]:
+        """One EncodeUsers call for a batch of requests. The call may take as long as the most patient
+        caller allows (each caller's own deadline still bounds its own RPC)."""
+        timeout = max(0.001, max(job.deadline for job in jobs) - asyncio.get_running_loop().time())
+        try:
+            embeddings, fingerprint = await self.users.encode([job.user for job in jobs], timeout)
+        except InvalidInput as exc:
+            if len(jobs) == 1:
+                return [exc]
+            # One bad user context (e.g. a feature id the model rejects) must not fail the others
+            # coalesced with it: retry each alone, so only the bad one gets INVALID_ARGUMENT.
+            return await asyncio.gather(*(self._encode_alone(job) for job in jobs), return_exceptions=True)
+        except ServiceError as exc:
+            return [exc] * len(jobs)
+        return [(row, fingerprint) for row in embeddings]
+
+    async def _encode_alone(self, job: _UserJob) -> tuple[torch.Tensor, str]:
+        timeout = max(0.001, job.deadline - asyncio.get_running_loop().time())
+        embeddings, fingerprint = await self.users.encode([job.user], timeout)
+        return embeddings[0], fingerprint
 
     def _corpus_or_raise(self) -> CorpusInfo:
         info = self.index.info()

@@ -1,9 +1,10 @@
-"""Client of user_service: one user context -> (embedding [D] fp32, fingerprint), errors mapped to
+"""Client of user_service: user contexts -> (embeddings [B, D] fp32, fingerprint), errors mapped to
 the gateway's domain errors, and a health probe for readiness."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import grpc
 import torch
@@ -36,21 +37,24 @@ class UserEncoder:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def encode(self, user: common_pb2.UserContext, timeout: float) -> tuple[torch.Tensor, str]:
-        """The user's embedding [D] fp32 and the fingerprint of the model that made it."""
-        request = user_tower_pb2.EncodeUsersRequest(users=[user])
+    async def encode(
+        self, users: Sequence[common_pb2.UserContext], timeout: float
+    ) -> tuple[torch.Tensor, str]:
+        """Embeddings [B, D] fp32 of B users (one call) and the fingerprint of the model that made them."""
+        request = user_tower_pb2.EncodeUsersRequest(users=users)
         try:
             response = await self._stub.EncodeUsers(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise self._map_error(exc) from None
         self.reachable = True
         try:
-            emb = codec.decode_torch(response.embeddings, "user embedding", _EMBEDDING_DTYPES, (1, None))
+            shape = (len(users), None)
+            emb = codec.decode_torch(response.embeddings, "user embedding", _EMBEDDING_DTYPES, shape)
         except InvalidInput as exc:
             # user_service's fault, not the caller's: INVALID_ARGUMENT would say "fix your request".
             logger.warning("user_service at %s sent a malformed embedding: %s", self.address, exc)
             raise NotReady(f"user_service at {self.address} returned a malformed embedding: {exc}") from None
-        return emb[0].float(), response.model.fingerprint
+        return emb.float(), response.model.fingerprint
 
     def _map_error(self, exc: grpc.aio.AioRpcError) -> Exception:
         code, details = exc.code(), exc.details()

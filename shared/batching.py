@@ -2,8 +2,11 @@
 
 Callers `await batcher.submit(item, deadline)`; a single worker collects up to `max_batch_size` items,
 waiting at most `max_wait_s` after the first, drops items whose deadline passed or whose caller left,
-and runs `process(items)` on a worker thread (off the event loop). The queue is bounded: when full,
-`submit` raises Overloaded at once instead of letting latency and memory grow without bound.
+and runs `process(items)` on a worker thread (off the event loop), or awaits it when `process` is a
+coroutine function (I/O such as one RPC for the whole batch). With `max_wait_s = 0` batches still form
+under load: requests queue while the previous batch computes, and the next batch takes them all.
+The queue is bounded: when full, `submit` raises Overloaded at once instead of letting latency and
+memory grow without bound.
 No grpc import: services map the errors through the interceptor.
 """
 
@@ -12,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -57,7 +61,7 @@ class _Pending(Generic[T]):
 class MicroBatcher(Generic[T, R]):
     def __init__(
         self,
-        process: Callable[[list[T]], Sequence[R | BaseException]],
+        process: Callable[[list[T]], Sequence[R | BaseException] | Awaitable[Sequence[R | BaseException]]],
         *,
         max_batch_size: int = 64,
         max_wait_s: float = 0.002,
@@ -70,6 +74,7 @@ class MicroBatcher(Generic[T, R]):
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_s >= 0")
         self._process = process
+        self._process_is_async = inspect.iscoroutinefunction(process)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -169,7 +174,10 @@ class MicroBatcher(Generic[T, R]):
             started = loop.time()
             t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self._process, items)
+                if self._process_is_async:
+                    results = await self._process(items)
+                else:
+                    results = await loop.run_in_executor(self._executor, self._process, items)
                 if len(results) != len(items):
                     raise RuntimeError(
                         f"batch function returned {len(results)} results for {len(items)} items"

@@ -55,8 +55,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-wait-ms",
         type=float,
-        default=e("USER_SERVICE_MAX_WAIT_MS", "2"),
-        help="how long a batch waits for more users after its first",
+        default=e("USER_SERVICE_MAX_WAIT_MS", "0"),
+        help="how long a batch waits for more users after its first (0: batches still form from "
+        "the users that queue while the previous batch computes)",
     )
     p.add_argument(
         "--max-queue",

@@ -20,7 +20,10 @@ class UserServiceConfig:
     # bf16: weights and outputs bfloat16 (DTYPE_BFLOAT16 on the wire, half the bytes).
     dtype: str = "fp32"
     max_batch_size: int = 64  # users per forward pass (1 = batching off)
-    max_wait_ms: float = 2.0  # how long the first queued user waits for others to join its batch
+    # How long the first queued user waits for others to join its batch. 0 by default: under load,
+    # users queue while the previous batch computes and the next batch takes them all, so a wait
+    # only adds latency when the service is idle (bench: +3.8 ms per request at concurrency 1).
+    max_wait_ms: float = 0.0
     max_queue: int = 1024  # users waiting for a forward pass; beyond it callers get RESOURCE_EXHAUSTED
     max_users_per_call: int = 256  # users in one EncodeUsers request (proto: max_batch_users)
     max_history_events: int = DEFAULT_MAX_HISTORY_EVENTS  # per user; more is INVALID_ARGUMENT

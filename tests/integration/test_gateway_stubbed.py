@@ -39,9 +39,18 @@ class StubUser(user_tower_pb2_grpc.UserTowerServicer):
         self.vectors = vectors
         self.fingerprint = fingerprint
         self.time_remaining: list[float | None] = []
+        self.users_per_call: list[int] = []
+        self.gate: asyncio.Event | None = None  # when set by a test, calls wait for it
+        self.bad_user_ids: set[int] = set()  # answered with INVALID_ARGUMENT, like a model limit
 
     async def EncodeUsers(self, request, context):
         self.time_remaining.append(context.time_remaining())
+        self.users_per_call.append(len(request.users))
+        if self.gate is not None:
+            await self.gate.wait()
+        bad = [i for i, u in enumerate(request.users) if u.user_id in self.bad_user_ids]
+        if bad:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"users[{bad[0]}]: too many user_features")
         emb = np.stack([self.vectors[u.user_id] for u in request.users]).astype(np.float32)
         model = common_pb2.ModelInfo(fingerprint=self.fingerprint, embedding_dim=emb.shape[1])
         return user_tower_pb2.EncodeUsersResponse(embeddings=codec.encode(emb), model=model)
@@ -289,6 +298,37 @@ def test_results_equal_brute_force_with_ties_metadata_and_deadline():
             assert status.candidate_service_connected and status.dtype == common_pb2.DTYPE_FLOAT32
 
     run(main())
+
+
+def test_concurrent_requests_share_one_user_call_and_a_bad_user_fails_alone():
+    async def main():
+        async with stack() as h:
+            items = h.cand.items
+            h.user.gate = asyncio.Event()
+            h.user.users_per_call.clear()
+            first = asyncio.ensure_future(h.retrieve(3))  # holds the user-encode stage at the gate
+            await wait_until(lambda: _true(len(h.user.users_per_call) == 1), what="first call")
+            h.user.bad_user_ids = {666}
+            h.user.vectors[666] = h.user.vectors[USER]
+            queued = [asyncio.ensure_future(h.retrieve(3, user=u)) for u in (USER, 666, OTHER_USER, USER)]
+            await asyncio.sleep(0.2)  # let them queue behind the first call
+            h.user.gate.set()
+            results = await asyncio.gather(first, *queued, return_exceptions=True)
+            # the four queued requests went to user_service as one call (then alone, after the failure)
+            assert h.user.users_per_call[:2] == [1, 4], h.user.users_per_call
+            assert sorted(h.user.users_per_call[2:]) == [1, 1, 1, 1]
+            for user, res in zip((USER, USER, 666, OTHER_USER, USER), results, strict=True):
+                if user == 666:
+                    assert isinstance(res, grpc.aio.AioRpcError)
+                    assert res.code() == grpc.StatusCode.INVALID_ARGUMENT
+                else:
+                    assert ids(res) == brute(items, h.user.vectors[user], 3)
+
+    run(main())
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 def test_exclusions_and_deltas():

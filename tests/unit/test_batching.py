@@ -168,3 +168,24 @@ def test_stop_mid_batch_fails_waiting_callers_instead_of_hanging():
         assert all(isinstance(e, NotReady) for e in out)
 
     run(main())
+
+
+def test_async_batch_function_is_awaited_on_the_loop():
+    calls = []
+
+    async def process(items):
+        calls.append((len(items), threading.current_thread() is threading.main_thread()))
+        await asyncio.sleep(0.01)
+        return [x + 1 for x in items]
+
+    async def main():
+        batcher = MicroBatcher(process, max_batch_size=8, max_wait_s=0)
+        batcher.start()
+        first = await batcher.submit(0)  # alone: nothing else queued
+        rest = await asyncio.gather(*(batcher.submit(i) for i in range(1, 9)))
+        await batcher.stop()
+        return first, rest
+
+    first, rest = run(main())
+    assert first == 1 and rest == list(range(2, 10))
+    assert all(on_main for _, on_main in calls) and max(n for n, _ in calls) > 1
