@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_gateway.topk import exact_topk
+from retrieval_gateway.topk import _product, exact_topk
 
 
 def reference(queries, matrix, k, valid=None, exclude=None, tie_ids=None):
@@ -127,3 +127,12 @@ def test_cuda_matches_cpu():
         gpu = exact_topk(torch.from_numpy(queries).cuda(), m.cuda(), 100)
         assert torch.equal(cpu[1], gpu[1].cpu())
         torch.testing.assert_close(cpu[0], gpu[0].cpu(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 7])
+def test_product_paths_equal_the_plain_matmul(batch):
+    g = torch.Generator().manual_seed(batch)
+    q, rows = torch.randn(batch, 16, generator=g), torch.randn(1000, 16, generator=g)
+    got = _product(q, rows)
+    assert got.shape == (batch, 1000) and got.is_contiguous()
+    torch.testing.assert_close(got, q @ rows.T, atol=1e-5, rtol=1e-5)
