@@ -53,13 +53,13 @@ def synthetic_ids(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def bench_encode(checkpoint: Path, post_ids: np.ndarray, author_ids: np.ndarray, repeats: int) -> list[dict]:
-    """Rows: the service's encoder at its default batch and at a small batch, and the peer: the model's
-    own (unfused) candidate tower at the default batch. The three are interleaved, best of `repeats`,
-    so that load from other processes hits them alike."""
+    """Rows: the service's encoder at its default batch and at a small batch, and the peer: the bare
+    model call at the default batch (the ratio shows the encoder's own overhead). The three are
+    interleaved, best of `repeats`, so that load from other processes hits them alike."""
     loaded = load_checkpoint(checkpoint)
     n, big, small = len(post_ids), DEFAULT_ENCODE_BATCH_SIZE, 256
 
-    def unfused() -> None:
+    def bare_model() -> None:
         with torch.inference_mode():
             for lo in range(0, n, big):
                 features = featurize_items(post_ids[lo : lo + big], author_ids[lo : lo + big], loaded.config)
@@ -68,7 +68,7 @@ def bench_encode(checkpoint: Path, post_ids: np.ndarray, author_ids: np.ndarray,
     runs = {
         f"ItemEncoder, batch {big}": lambda: ItemEncoder(loaded, big).encode(post_ids, author_ids),
         f"ItemEncoder, batch {small}": lambda: ItemEncoder(loaded, small).encode(post_ids, author_ids),
-        f"model.encode_items, batch {big}": unfused,
+        f"model.encode_items, batch {big}": bare_model,
     }
     ItemEncoder(loaded, big).encode(post_ids[: 2 * big], author_ids[: 2 * big])  # warm-up
     best = dict.fromkeys(runs, 0.0)
@@ -162,9 +162,9 @@ def main() -> None:
         print(
             f"{'encode: ' + row['what'] + ' (items/s)':<50}{row['items_per_s']:>14,.0f}{ENCODE_TARGET:>12,}"
         )
-    fused, small, peer = (row["items_per_s"] for row in encode)
-    print(f"{'  ratio ItemEncoder / model.encode_items':<50}{fused / peer:>14.2f}")
-    print(f"{'  ratio batch ' + str(DEFAULT_ENCODE_BATCH_SIZE) + ' / batch 256':<50}{fused / small:>14.2f}")
+    service, small, peer = (row["items_per_s"] for row in encode)
+    print(f"{'  ratio ItemEncoder / model.encode_items':<50}{service / peer:>14.2f}")
+    print(f"{'  ratio batch ' + str(DEFAULT_ENCODE_BATCH_SIZE) + ' / batch 256':<50}{service / small:>14.2f}")
     print(f"{'  featurizer (hashing) share of encode time':<50}{encode[0]['featurize_share']:>14.0%}")
     print(f"{'snapshot to 1 watcher (MB/s)':<50}{snapshot['mb_per_s']:>14,.0f}{SNAPSHOT_TARGET:>12,.0f}")
     print(f"{'  snapshot size (MB) / chunks':<50}{snapshot['bytes'] / 1e6:>8,.1f} / {snapshot['chunks']}")
