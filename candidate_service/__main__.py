@@ -4,7 +4,6 @@ flags (with env-var fallbacks) -> config -> serve."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -17,9 +16,7 @@ from candidate_service.items_file import ItemsFileError
 from candidate_service.persistence import CacheError
 from candidate_service.server import serve
 from shared.errors import CheckpointError
-from shared.server.bootstrap import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions
-from shared.server.logs import configure_logging
-from shared.tls import add_server_tls_flags, server_tls_from_args
+from shared.server.flags import add_server_flags, run_service, server_options_from_args
 
 logger = logging.getLogger("candidate_service")
 
@@ -50,15 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compact-after-deltas", type=int, default=e("CANDIDATE_COMPACT_AFTER_DELTAS", "10000"),
                    help="fold the delta log into a new snapshot after this many records")  # fmt: skip
     p.add_argument("--torch-threads", type=int, default=e("CANDIDATE_TORCH_THREADS"))
-    p.add_argument("--host", default=e("CANDIDATE_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=e("CANDIDATE_PORT", "50053"), help="0 = any free port")
-    p.add_argument("--port-file", type=Path, default=None, help="write the bound port here once listening")
-    p.add_argument("--metrics-port", type=int, default=e("CANDIDATE_METRICS_PORT"),
-                   help="Prometheus HTTP port (off when not given)")  # fmt: skip
-    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
-    p.add_argument("--grace-seconds", type=float, default=5.0)
-    p.add_argument("--log-level", default=e("CANDIDATE_LOG_LEVEL", "INFO"))
-    add_server_tls_flags(p, "CANDIDATE")
+    add_server_flags(p, "CANDIDATE", default_port=50053)
     args = p.parse_args(argv)
     for flag, env in (("checkpoint", "TWOTOWER_CHECKPOINT"), ("items", "CANDIDATE_ITEMS"),
                       ("cache_dir", "CANDIDATE_CACHE_DIR")):  # fmt: skip
@@ -79,33 +68,17 @@ def config_from_args(args: argparse.Namespace) -> CandidateConfig:
         compact_after_deltas=args.compact_after_deltas,
         torch_threads=args.torch_threads,
         port_file=args.port_file,
-        server=ServerOptions(
-            host=args.host,
-            port=args.port,
-            max_message_bytes=args.max_message_bytes,
-            grace_seconds=args.grace_seconds,
-            metrics_port=args.metrics_port,
-            tls=server_tls_from_args(args),
-        ),
+        server=server_options_from_args(args),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_logging(args.log_level)
     try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        print(f"candidate_service: invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(serve(config))
-    except (CheckpointError, ItemsFileError, CacheError, OSError) as exc:
-        logger.error("candidate_service cannot start: %s", exc)
-        return 1
+        startup_errors = (CheckpointError, ItemsFileError, CacheError)
+        return run_service("candidate_service", parse_args(argv), config_from_args, serve, startup_errors)
     except EncodingStopped:
         logger.info("stopped while encoding the corpus")
-    return 0
+        return 0
 
 
 if __name__ == "__main__":

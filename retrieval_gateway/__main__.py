@@ -4,19 +4,14 @@ flags (with env-var fallbacks) -> config -> serve."""
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from retrieval_gateway.config import DEFAULT_MAX_EXCLUSIONS, DEFAULT_MAX_K, GatewayConfig
 from retrieval_gateway.server import serve
-from shared.server.bootstrap import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions
-from shared.server.logs import configure_logging
-from shared.tls import add_client_tls_flags, add_server_tls_flags, client_tls_from_args, server_tls_from_args
-
-logger = logging.getLogger("retrieval_gateway")
+from shared.server.flags import add_server_flags, run_service, server_options_from_args
+from shared.tls import add_client_tls_flags, client_tls_from_args
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -66,21 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-corpus-items", type=int, default=e("GATEWAY_MAX_CORPUS_ITEMS", "100000000"))
     p.add_argument("--reconnect-max-s", type=float, default=e("GATEWAY_RECONNECT_MAX_S", "5"),
                    help="longest wait between WatchCorpus reconnects")  # fmt: skip
-    p.add_argument("--host", default=e("GATEWAY_HOST", "127.0.0.1"))
-    p.add_argument(
-        "--port", type=int, default=e("GATEWAY_PORT", "50051"), help="0 = any free port (see --port-file)"
-    )
-    p.add_argument("--port-file", default=None, help="write the bound port here once listening")
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=e("GATEWAY_METRICS_PORT"),
-        help="Prometheus HTTP port (off when not given)",
-    )
-    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
-    p.add_argument("--grace-seconds", type=float, default=5.0)
-    p.add_argument("--log-level", default=e("GATEWAY_LOG_LEVEL", "INFO"))
-    add_server_tls_flags(p, "GATEWAY")
+    add_server_flags(p, "GATEWAY", default_port=50051)
     add_client_tls_flags(p, "upstream-", "GATEWAY", "user_service and candidate_service")
     args = p.parse_args(argv)
     for flag in ("user_service", "candidate_service"):
@@ -106,31 +87,12 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         reconnect_max_s=args.reconnect_max_s,
         port_file=args.port_file,
         upstream_tls=client_tls_from_args(args, "upstream-"),
-        server=ServerOptions(
-            host=args.host,
-            port=args.port,
-            max_message_bytes=args.max_message_bytes,
-            grace_seconds=args.grace_seconds,
-            metrics_port=args.metrics_port,
-            tls=server_tls_from_args(args),
-        ),
+        server=server_options_from_args(args),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        print(f"retrieval_gateway: invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(serve(config))
-    except (OSError, ValueError) as exc:  # cannot bind; cuda requested without a GPU
-        logger.error("retrieval_gateway cannot start: %s", exc)
-        return 1
-    return 0
+    return run_service("retrieval_gateway", parse_args(argv), config_from_args, serve, (ValueError,))
 
 
 if __name__ == "__main__":

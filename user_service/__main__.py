@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from shared.errors import CheckpointError
-from shared.server.bootstrap import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions
-from shared.server.logs import configure_logging
-from shared.tls import add_server_tls_flags, server_tls_from_args
+from shared.server.flags import add_server_flags, run_service, server_options_from_args
 from user_service.config import DEVICES, DTYPES, UserServiceConfig
 from user_service.server import serve
-
-logger = logging.getLogger("user_service")
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -78,24 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=e("USER_SERVICE_TORCH_THREADS"),
         help="torch intra-op threads (default: torch's choice)",
     )
-    p.add_argument("--host", default=e("USER_SERVICE_HOST", "127.0.0.1"))
-    p.add_argument(
-        "--port",
-        type=int,
-        default=e("USER_SERVICE_PORT", "50052"),
-        help="0 = any free port (see --port-file)",
-    )
-    p.add_argument("--port-file", type=Path, default=None, help="write the bound port here once listening")
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=e("USER_SERVICE_METRICS_PORT"),
-        help="Prometheus HTTP port (off when not given)",
-    )
-    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
-    p.add_argument("--grace-seconds", type=float, default=5.0)
-    p.add_argument("--log-level", default=e("USER_SERVICE_LOG_LEVEL", "INFO"))
-    add_server_tls_flags(p, "USER_SERVICE")
+    add_server_flags(p, "USER_SERVICE", default_port=50052)
     args = p.parse_args(argv)
     if not args.checkpoint:
         p.error("--checkpoint (or TWOTOWER_CHECKPOINT) is required")
@@ -114,31 +91,12 @@ def config_from_args(args: argparse.Namespace) -> UserServiceConfig:
         max_history_events=args.max_history_events,
         torch_threads=args.torch_threads,
         port_file=args.port_file,
-        server=ServerOptions(
-            host=args.host,
-            port=args.port,
-            max_message_bytes=args.max_message_bytes,
-            grace_seconds=args.grace_seconds,
-            metrics_port=args.metrics_port,
-            tls=server_tls_from_args(args),
-        ),
+        server=server_options_from_args(args),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        print(f"user_service: invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(serve(config))
-    except (CheckpointError, OSError) as exc:
-        logger.error("user_service cannot start: %s", exc)
-        return 1
-    return 0
+    return run_service("user_service", parse_args(argv), config_from_args, serve, (CheckpointError,))
 
 
 if __name__ == "__main__":
