@@ -10,8 +10,8 @@ import grpc
 from retrieval_gateway.config import GatewayConfig
 from retrieval_gateway.gateway import Gateway
 from retrieval_gateway.servicer import RetrievalGatewayServicer
-from shared.server.bootstrap import create_grpc_server, graceful_stop, start_metrics_http, wait_for_signal
-from shared.server.portfile import write_port_file
+from shared.server.bootstrap import create_grpc_server, graceful_stop
+from shared.server.lifecycle import run_until_signal
 from twotower.v1 import retrieval_gateway_pb2, retrieval_gateway_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -55,17 +55,8 @@ def create_server(config: GatewayConfig) -> tuple[grpc.aio.Server, int, GatewayS
 async def serve(config: GatewayConfig) -> None:
     """Run until SIGTERM/SIGINT."""
     _server, port, app = create_server(config)
-    await app.start()
-    metrics_port = start_metrics_http(config.server.host, config.server.metrics_port)
-    write_port_file(config.port_file, port)
     logger.info(
-        "retrieval_gateway listening on %s:%d (device %s, %s; user_service %s, candidate_service %s; "
-        "metrics port %s)", config.server.host, port, app.gateway.device, config.dtype,
-        config.user_service, config.candidate_service, metrics_port,
+        "retrieval_gateway: device %s, %s; user_service %s, candidate_service %s",
+        app.gateway.device, config.dtype, config.user_service, config.candidate_service,
     )  # fmt: skip
-    try:
-        sig = await wait_for_signal()
-        logger.info("signal %d: stopping (grace %.1fs)", sig, config.server.grace_seconds)
-    finally:
-        await app.stop()
-        logger.info("retrieval_gateway stopped")
+    await run_until_signal("retrieval_gateway", app, port, config.server, config.port_file)

@@ -9,8 +9,8 @@ from collections.abc import Callable
 import grpc
 import torch
 
-from shared.server.bootstrap import create_grpc_server, graceful_stop, start_metrics_http, wait_for_signal
-from shared.server.portfile import write_port_file
+from shared.server.bootstrap import create_grpc_server, graceful_stop
+from shared.server.lifecycle import run_until_signal
 from twotower.v1 import user_tower_pb2, user_tower_pb2_grpc
 from user_service.config import UserServiceConfig
 from user_service.encoder import UserEncoder, load_encoder
@@ -86,20 +86,4 @@ async def serve(config: UserServiceConfig) -> None:
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
     _server, port, app = create_server(config)
-    await app.start()
-    metrics_port = start_metrics_http(config.server.host, config.server.metrics_port)
-    write_port_file(config.port_file, port)
-    logger.info("user_service listening on %s:%d (metrics port %s)", config.server.host, port, metrics_port)
-    loading = asyncio.create_task(app.load(), name="load-user-tower")
-    stop_signal = asyncio.create_task(wait_for_signal(), name="wait-for-signal")
-    try:
-        await asyncio.wait({loading, stop_signal}, return_when=asyncio.FIRST_COMPLETED)
-        if loading.done():
-            loading.result()  # re-raises a load or warm-up failure
-        sig = await stop_signal
-        logger.info("signal %d: stopping (grace %.1fs)", sig, config.server.grace_seconds)
-    finally:
-        for task in (loading, stop_signal):
-            task.cancel()
-        await app.stop()
-        logger.info("user_service stopped")
+    await run_until_signal("user_service", app, port, config.server, config.port_file, app.load())
