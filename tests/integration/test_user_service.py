@@ -160,7 +160,8 @@ def test_concurrent_calls_are_coalesced_and_each_caller_gets_its_row(tiny_checkp
             return responses, list(encoder.batches), app.service.stats.sizes
 
     responses, batches, sizes = asyncio.run(asyncio.wait_for(main(), T))
-    assert batches == [[1], [2, 3, 4, 5, 6, 7]] and sizes[-2:] == [1, 6]  # one forward pass for six calls
+    # one forward pass for six calls (concurrent calls may reach the server in any order)
+    assert [sorted(b) for b in batches] == [[1], [2, 3, 4, 5, 6, 7]] and sizes[-2:] == [1, 6]
     for uid, response in zip((1, 2, 3, 4, 5, 6, 7), responses, strict=True):
         torch.testing.assert_close(_rows(response), _reference(tiny_model, _user(uid)), atol=1e-5, rtol=1e-5)
     after = REGISTRY.get_sample_value("twotower_user_batch_size_count")
@@ -183,7 +184,7 @@ def test_a_bad_call_fails_alone_and_never_reaches_the_batch(tiny_checkpoint, tin
 
     bad, responses, batches = asyncio.run(asyncio.wait_for(main(), T))
     assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT and "users[1].user_id" in bad.details()
-    assert batches == [[1], [2, 3]]  # user 4 of the bad call was never queued
+    assert [sorted(b) for b in batches] == [[1], [2, 3]]  # user 4 of the bad call was never queued
     for uid, response in zip((1, 2, 3), responses, strict=True):
         torch.testing.assert_close(_rows(response), _reference(tiny_model, _user(uid)), atol=1e-5, rtol=1e-5)
 
@@ -261,7 +262,7 @@ def test_full_queue_is_resource_exhausted_at_once(tiny_checkpoint):
 
     full, batches = asyncio.run(asyncio.wait_for(main(), T))
     assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in full.details()
-    assert batches == [[1], [2], [3]]
+    assert batches[0] == [1] and sorted(batches[1:]) == [[2], [3]]  # queued calls arrive in any order
 
 
 def test_a_request_whose_deadline_passed_is_not_computed(tiny_checkpoint):
