@@ -311,7 +311,8 @@ def test_concurrent_requests_share_one_user_call_and_a_bad_user_fails_alone():
             h.user.bad_user_ids = {666}
             h.user.vectors[666] = h.user.vectors[USER]
             queued = [asyncio.ensure_future(h.retrieve(3, user=u)) for u in (USER, 666, OTHER_USER, USER)]
-            await asyncio.sleep(0.2)  # let them queue behind the first call
+            queue = h.app.gateway.user_batcher  # all four wait behind the first call
+            await wait_until(lambda: _true(queue.queued == 4), what="four queued requests")
             h.user.gate.set()
             results = await asyncio.gather(first, *queued, return_exceptions=True)
             # the four queued requests went to user_service as one call (then alone, after the failure)
