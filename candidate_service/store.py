@@ -14,42 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared.corpus_rows import Attrs, Delta, attribute_bytes
 from shared.errors import InvalidInput
 
-Attrs = dict[str, str] | None
 ROW_OVERHEAD_BYTES = 8  # protobuf tags and lengths per row, counted generously when sizing chunks
-
-
-def attribute_bytes(attrs: Attrs) -> int:
-    """Serialized size bound of one row's attributes (an empty map still costs a tag and a length)."""
-    if not attrs:
-        return 2
-    return 4 + sum(len(k.encode()) + len(v.encode()) + 8 for k, v in attrs.items())
-
-
-@dataclass(frozen=True)
-class Delta:
-    """The change that took the corpus from `version - 1` to `version` (one upsert or delete call)."""
-
-    version: int
-    fingerprint: str
-    upsert_post_ids: np.ndarray  # [u] int64
-    upsert_author_ids: np.ndarray  # [u] int64
-    upsert_embeddings: np.ndarray  # [u, D] float32
-    upsert_attributes: list[Attrs]  # [u]
-    deleted_post_ids: np.ndarray  # [d] int64
-
-    @property
-    def nbytes(self) -> int:
-        attrs = sum(attribute_bytes(a) for a in self.upsert_attributes)
-        return (
-            int(
-                self.upsert_embeddings.nbytes
-                + 16 * len(self.upsert_post_ids)
-                + 8 * len(self.deleted_post_ids)
-            )
-            + attrs
-        )
 
 
 @dataclass(frozen=True)
