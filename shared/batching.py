@@ -7,6 +7,11 @@ coroutine function (I/O such as one RPC for the whole batch). With `max_wait_s =
 under load: requests queue while the previous batch computes, and the next batch takes them all.
 The queue is bounded: when full, `submit` raises Overloaded at once instead of letting latency and
 memory grow without bound.
+
+`max_in_flight` batches may be processed at once (default 1). For an I/O batch function (one RPC per
+batch) more than one lets the next batch leave while a slow or stalled peer still holds the previous
+one, and lets one caller keep several replicas busy; the worker collects the next batch only once a
+slot is free, so batches grow while every slot is busy.
 No grpc import: services map the errors through the interceptor.
 """
 
@@ -68,11 +73,12 @@ class MicroBatcher(Generic[T, R]):
         max_queue: int = 1024,
         on_batch: Callable[[BatchReport], None] | None = None,
         name: str = "batcher",
+        max_in_flight: int = 1,
     ) -> None:
         """`process` gets 1..max_batch_size items and returns one result per item, in order; a result
         that is an exception instance fails only that item's caller."""
-        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_s >= 0")
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0 or max_in_flight < 1:
+            raise ValueError("max_batch_size, max_queue and max_in_flight must be >= 1, max_wait_s >= 0")
         self._process = process
         self._process_is_async = inspect.iscoroutinefunction(process)
         self.max_batch_size = max_batch_size
@@ -80,11 +86,19 @@ class MicroBatcher(Generic[T, R]):
         self.max_queue = max_queue
         self._on_batch = on_batch
         self._name = name
+        self.max_in_flight = max_in_flight
         self._queue: asyncio.Queue[_Pending[T]] | None = None
         self._worker: asyncio.Task | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._inflight: list[_Pending[T]] = []  # the batch being computed (failed if stopped mid-way)
+        self._slots: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task] = set()  # batches being processed (failed if stopped mid-way)
+        self._inflight: dict[asyncio.Task, list[_Pending[T]]] = {}
+        self.worker_restarts = 0  # the collecting loop hit an unexpected error and was restarted
         self.stats = BatchStats()
+
+    @property
+    def batches_in_flight(self) -> int:
+        return len(self._running)
 
     @property
     def queued(self) -> int:
@@ -95,8 +109,11 @@ class MicroBatcher(Generic[T, R]):
         if self._worker is not None:
             return
         self._queue = asyncio.Queue(maxsize=self.max_queue)
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
-        self._worker = asyncio.get_running_loop().create_task(self._run(), name=self._name)
+        self._slots = asyncio.Semaphore(self.max_in_flight)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.max_in_flight, thread_name_prefix=self._name
+        )
+        self._worker = asyncio.get_running_loop().create_task(self._supervise(), name=self._name)
 
     async def stop(self) -> None:
         """Stop the worker; queued callers get NotReady."""
@@ -106,14 +123,21 @@ class MicroBatcher(Generic[T, R]):
         with contextlib.suppress(asyncio.CancelledError):
             await self._worker
         self._worker = None
+        leftovers = [p for batch in self._inflight.values() for p in batch]  # before done callbacks run
+        running = list(self._running)
+        for task in running:
+            task.cancel()
+        for task in running:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         assert self._queue is not None
-        leftovers = list(self._inflight)
         while not self._queue.empty():
             leftovers.append(self._queue.get_nowait())
         for pending in leftovers:
             if not pending.future.done():
                 pending.future.set_exception(NotReady(f"{self._name} is shutting down"))
-        self._inflight = []
+        self._inflight = {}
+        self._running = set()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)  # never block the event loop
             self._executor = None
@@ -163,39 +187,71 @@ class MicroBatcher(Generic[T, R]):
             live.append(pending)
         return live
 
+    async def _supervise(self) -> None:
+        """The collecting loop, restarted if it ever fails (a bug must not silently stop all batching)."""
+        while True:
+            try:
+                await self._run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.worker_restarts += 1
+                logger.exception("%s: batching loop failed; restarting it", self._name)
+                await asyncio.sleep(0.01)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        assert self._slots is not None
         while True:
-            batch = self._live(await self._collect(), loop.time())
-            if not batch:
-                continue
-            self._inflight = batch
-            items = [p.item for p in batch]
-            started = loop.time()
-            t0 = time.perf_counter()
+            # Take a slot first: while every slot is busy, arrivals wait in the queue and form the
+            # next (larger) batch instead of a queue of small ones.
+            await self._slots.acquire()
             try:
-                if self._process_is_async:
-                    results = await self._process(items)
-                else:
-                    results = await loop.run_in_executor(self._executor, self._process, items)
-                if len(results) != len(items):
-                    raise RuntimeError(
-                        f"batch function returned {len(results)} results for {len(items)} items"
-                    )
-            except Exception as exc:  # the whole batch failed: every caller gets the error
-                logger.exception("%s: batch of %d failed", self._name, len(items))
-                results = [exc] * len(items)
-            compute_s = time.perf_counter() - t0
-            self._inflight = []
-            for pending, result in zip(batch, results, strict=True):
-                if pending.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    pending.future.set_exception(result)
-                else:
-                    pending.future.set_result(result)
-            self.stats.batches += 1
-            self.stats.items += len(items)
-            self.stats.sizes = [*self.stats.sizes[-1023:], len(items)]
-            if self._on_batch is not None:
-                self._on_batch(BatchReport(len(items), started - batch[0].enqueued, compute_s))
+                batch = self._live(await self._collect(), loop.time())
+            except BaseException:
+                self._slots.release()
+                raise
+            if not batch:
+                self._slots.release()
+                continue
+            task = loop.create_task(self._execute(batch), name=f"{self._name}-batch")
+            self._running.add(task)
+            self._inflight[task] = batch
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._inflight.pop(task, None)
+        if self._slots is not None:
+            self._slots.release()
+        if not task.cancelled() and task.exception() is not None:  # _execute catches; belt and braces
+            logger.error("%s: batch task failed: %r", self._name, task.exception())
+
+    async def _execute(self, batch: list[_Pending[T]]) -> None:
+        loop = asyncio.get_running_loop()
+        items = [p.item for p in batch]
+        started = loop.time()
+        t0 = time.perf_counter()
+        try:
+            if self._process_is_async:
+                results = await self._process(items)
+            else:
+                results = await loop.run_in_executor(self._executor, self._process, items)
+            if len(results) != len(items):
+                raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+        except Exception as exc:  # the whole batch failed: every caller gets the error
+            logger.exception("%s: batch of %d failed", self._name, len(items))
+            results = [exc] * len(items)
+        compute_s = time.perf_counter() - t0
+        for pending, result in zip(batch, results, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(result, BaseException):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result(result)
+        self.stats.batches += 1
+        self.stats.items += len(items)
+        self.stats.sizes = [*self.stats.sizes[-1023:], len(items)]
+        if self._on_batch is not None:
+            self._on_batch(BatchReport(len(items), started - batch[0].enqueued, compute_s))

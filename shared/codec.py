@@ -6,6 +6,7 @@ expected one, a byte count that does not match the shape, and non-finite floats.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -67,7 +68,8 @@ def _check(msg: common_pb2.Tensor, name: str, dtypes: Sequence[int] | None, shap
         wanted = ", ".join("*" if d is None else str(d) for d in shape)
         raise InvalidInput(f"tensor '{name}': shape {dims}, expected [{wanted}]")
     np_dtype = _FORMATS[msg.dtype][0]
-    expected_bytes = int(np.prod(dims, dtype=np.int64)) * np_dtype.itemsize if dims else np_dtype.itemsize
+    # Python ints: an int64 product of hostile dims can wrap around to the real byte count and pass.
+    expected_bytes = math.prod(dims) * np_dtype.itemsize
     if len(msg.data) != expected_bytes:
         raise InvalidInput(
             f"tensor '{name}': {len(msg.data)} bytes, but shape {dims} of {dtype_name(msg.dtype)} "

@@ -189,3 +189,49 @@ def test_async_batch_function_is_awaited_on_the_loop():
     first, rest = run(main())
     assert first == 1 and rest == list(range(2, 10))
     assert all(on_main for _, on_main in calls) and max(n for n, _ in calls) > 1
+
+
+def test_with_two_batches_in_flight_a_stalled_batch_does_not_block_the_next():
+    stall = asyncio.Event()
+
+    async def process(items):
+        if "stalled" in items:
+            await stall.wait()
+        return [f"{x}!" for x in items]
+
+    async def main():
+        batcher = MicroBatcher(process, max_batch_size=4, max_wait_s=0, max_in_flight=2)
+        batcher.start()
+        stuck = asyncio.ensure_future(batcher.submit("stalled"))
+        await asyncio.sleep(0.01)
+        assert await asyncio.wait_for(batcher.submit("next"), 2) == "next!"
+        assert batcher.batches_in_flight == 1 and not stuck.done()
+        stall.set()
+        assert await stuck == "stalled!"
+        await batcher.stop()
+
+    run(main())
+
+
+def test_with_every_slot_busy_arrivals_form_one_batch():
+    gate = asyncio.Event()
+    sizes = []
+
+    async def process(items):
+        sizes.append(len(items))
+        await gate.wait()
+        return items
+
+    async def main():
+        batcher = MicroBatcher(process, max_batch_size=8, max_wait_s=0, max_in_flight=1)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 6)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        assert await asyncio.gather(first, *rest) == list(range(6))
+        await batcher.stop()
+
+    run(main())
+    assert sizes == [1, 5]

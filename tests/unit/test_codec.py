@@ -82,3 +82,12 @@ def test_non_finite_rejected(bad, dtype):
 def test_encode_refuses_unsupported_dtype():
     with pytest.raises(TypeError):
         codec.encode(np.zeros(2, dtype=np.int8))
+
+
+def test_a_shape_whose_int64_product_wraps_around_is_refused():
+    # 3 * 6148914691236517205 == 2**64 + 1: wrapped to int64 it is 1, so 4 bytes would "fit" float32
+    msg = common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[3, 6148914691236517205], data=b"\x00" * 4)
+    with pytest.raises(InvalidInput, match="bytes"):
+        codec.decode_torch(msg, "embeddings")
+    with pytest.raises(InvalidInput, match="bytes"):
+        codec.decode_numpy(msg, "embeddings", shape=(3, None))
