@@ -8,7 +8,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from retrieval_gateway.config import DEFAULT_MAX_EXCLUSIONS, DEFAULT_MAX_K, GatewayConfig
+from retrieval_gateway.config import (
+    DEFAULT_MAX_EXCLUSIONS,
+    DEFAULT_MAX_HISTORY_EVENTS,
+    DEFAULT_MAX_K,
+    GatewayConfig,
+)
 from retrieval_gateway.server import serve
 from shared.server.flags import add_server_flags, run_service, server_options_from_args
 from shared.tls import add_client_tls_flags, client_tls_from_args
@@ -56,6 +61,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "from what queues while the previous batch runs)")  # fmt: skip
     p.add_argument("--max-queue", type=int, default=e("GATEWAY_MAX_QUEUE", "1024"),
                    help="queries waiting for scoring; beyond it calls get RESOURCE_EXHAUSTED")  # fmt: skip
+    p.add_argument("--max-user-calls-in-flight", type=int, default=e("GATEWAY_MAX_USER_CALLS_IN_FLIGHT", "4"),
+                   help="EncodeUsers calls to user_service in flight at once, each carrying up to "
+                        "--max-batch-size users (env GATEWAY_MAX_USER_CALLS_IN_FLIGHT)")  # fmt: skip
+    p.add_argument("--max-history-events", type=int,
+                   default=e("GATEWAY_MAX_HISTORY_EVENTS", str(DEFAULT_MAX_HISTORY_EVENTS)),
+                   help="history events per Retrieve; more is INVALID_ARGUMENT "
+                        "(env GATEWAY_MAX_HISTORY_EVENTS)")  # fmt: skip
     p.add_argument("--user-timeout-s", type=float, default=e("GATEWAY_USER_TIMEOUT_S", "5"),
                    help="user_service call timeout when the caller sets no deadline")  # fmt: skip
     p.add_argument("--max-corpus-items", type=int, default=e("GATEWAY_MAX_CORPUS_ITEMS", "100000000"))
@@ -82,6 +94,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
+        max_user_calls_in_flight=args.max_user_calls_in_flight,
+        max_history_events=args.max_history_events,
         user_timeout_s=args.user_timeout_s,
         max_corpus_items=args.max_corpus_items,
         reconnect_max_s=args.reconnect_max_s,

@@ -30,6 +30,8 @@ class GatewayConfig:
     max_batch_size: int = 32  # queries per matmul
     max_wait_ms: float = 0.0  # longest a query waits for others to join its batch (see user_service)
     max_queue: int = 1024  # queued queries beyond this are RESOURCE_EXHAUSTED at once
+    # EncodeUsers calls to user_service in flight at once (each carries up to max_batch_size users)
+    max_user_calls_in_flight: int = 4
     max_score_elements: int = DEFAULT_MAX_SCORE_ELEMENTS  # scores materialised at once (B x chunk)
     user_timeout_s: float = 5.0  # user_service call timeout when the caller sets no deadline
     max_corpus_items: int = 100_000_000  # a snapshot announcing more is refused (memory guard)
@@ -50,7 +52,7 @@ class GatewayConfig:
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         positive = ("max_k", "max_batch_size", "max_queue", "max_score_elements", "max_corpus_items",
-                    "max_history_events", "user_timeout_s", "reconnect_initial_s",
+                    "max_history_events", "user_timeout_s", "max_user_calls_in_flight", "reconnect_initial_s",
                     "health_poll_s")  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:

@@ -126,48 +126,70 @@ class CorpusFollower:
         self._backoff = (backoff_initial_s, backoff_max_s)
         self._on_change = on_change
         self.connected = False  # currently receiving a stream
+        self.errors = 0  # unexpected failures (not stream breaks or gaps), each followed by a resync
+        self.last_error = ""
         self._assembler: SnapshotAssembler | None = None
 
     async def run(self) -> None:
-        """Follow forever (until cancelled)."""
+        """Follow until cancelled. Every failure, expected or not, ends in a resync with backoff: the
+        gateway keeps serving its last good corpus meanwhile, and never believes it is connected
+        while it is not (a dead stream must never look like a quiet one)."""
         failures = 0
-        fresh = False  # True after a gap: ask for a new snapshot rather than deltas
-        async with aio_channel(self.address, self._options, self._tls) as channel:
-            stub = candidate_tower_pb2_grpc.CandidateTowerStub(channel)
-            while True:
-                info = self.index.info()
-                request = candidate_tower_pb2.WatchCorpusRequest()
-                if info is not None and not fresh:
-                    request.known_version, request.known_fingerprint = info.version, info.fingerprint
-                call = stub.WatchCorpus(request)
-                self._assembler = None
-                try:
-                    # The server sends its headers as soon as it accepts the stream: connected from here,
-                    # even when no event follows for a while (a resumed watcher that is up to date).
-                    await call.initial_metadata()
-                    self._connected(request.known_version)
-                    failures = 0
-                    async for event in call:
-                        self._connected(request.known_version)
-                        failures = 0
-                        fresh = await self._handle(event)
-                    reason = "stream ended"
-                except (CorpusGap, InvalidInput) as exc:
-                    logger.warning(
-                        "corpus stream from %s unusable (%s); asking for a fresh snapshot", self.address, exc
-                    )
-                    fresh, reason = True, "gap"
-                except grpc.aio.AioRpcError as exc:
-                    reason = exc.code().name
-                    log = logger.warning if self.connected else logger.debug
-                    log("corpus stream from %s: %s %s", self.address, reason, exc.details())
-                finally:
-                    call.cancel()
-                self.connected = False
-                metrics.CANDIDATE_CONNECTED.set(0)
-                metrics.RECONNECTS.labels(reason).inc()
-                failures += 1
-                await asyncio.sleep(self._delay(failures))
+        fresh = False  # True after a gap or an unexpected error: ask for a new snapshot, not deltas
+        try:
+            async with aio_channel(self.address, self._options, self._tls) as channel:
+                stub = candidate_tower_pb2_grpc.CandidateTowerStub(channel)
+                while True:
+                    ok, fresh, reason = await self._follow_once(stub, fresh)
+                    failures = 0 if ok else failures + 1
+                    self.disconnected(reason)
+                    await asyncio.sleep(self._delay(max(failures, 1)))
+        finally:
+            self.disconnected(None)
+
+    async def _follow_once(self, stub, fresh: bool) -> tuple[bool, bool, str]:
+        """One WatchCorpus stream until it breaks. Returns (received anything, ask fresh, reason)."""
+        info = self.index.info()
+        request = candidate_tower_pb2.WatchCorpusRequest()
+        if info is not None and not fresh:
+            request.known_version, request.known_fingerprint = info.version, info.fingerprint
+        call = stub.WatchCorpus(request)
+        self._assembler = None
+        received = False
+        try:
+            # The server sends its headers as soon as it accepts the stream: connected from here,
+            # even when no event follows for a while (a resumed watcher that is up to date).
+            await call.initial_metadata()
+            self._connected(request.known_version)
+            received = True
+            async for event in call:
+                await self._handle(event)
+            return received, False, "stream ended"
+        except (CorpusGap, InvalidInput) as exc:
+            logger.warning(
+                "corpus stream from %s unusable (%s); asking for a fresh snapshot", self.address, exc
+            )
+            return received, True, "gap"
+        except grpc.aio.AioRpcError as exc:
+            log = logger.warning if self.connected else logger.debug
+            log("corpus stream from %s: %s %s", self.address, exc.code().name, exc.details())
+            return received, False, exc.code().name
+        except Exception as exc:  # a bug, a MemoryError, a CUDA OOM while loading: resync, never die
+            self.errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            metrics.FOLLOWER_ERRORS.labels(type(exc).__name__).inc()
+            logger.exception("corpus follower failed on the stream from %s; resyncing", self.address)
+            return False, True, "error"
+        finally:
+            call.cancel()
+            self._assembler = None
+
+    def disconnected(self, reason: str | None) -> None:
+        """Not receiving a stream (also called by the supervisor when the follower task crashed)."""
+        self.connected = False
+        metrics.CANDIDATE_CONNECTED.set(0)
+        if reason is not None:
+            metrics.RECONNECTS.labels(reason).inc()
 
     def _connected(self, known_version: int) -> None:
         if not self.connected:

@@ -21,8 +21,9 @@ from retrieval_gateway.follower import CorpusFollower
 from retrieval_gateway.index import CorpusIndex, CorpusInfo, Query, SearchResult, model_mismatch, pick_device
 from retrieval_gateway.user_client import UserEncoder
 from shared.batching import BatchReport, MicroBatcher
-from shared.errors import InvalidInput, ModelMismatch, NotReady, ServiceError
+from shared.errors import DeadlineExpired, InvalidInput, ModelMismatch, NotReady, ServiceError
 from shared.server.bootstrap import Health
+from shared.supervision import Supervisor
 from twotower.v1 import common_pb2, retrieval_gateway_pb2
 
 logger = logging.getLogger(__name__)
@@ -42,13 +43,16 @@ class Gateway:
         options = config.server.channel_options()
         self.users = UserEncoder(config.user_service, options, tls=config.upstream_tls)
         # Concurrent requests share one EncodeUsers call (user_service batches the forward pass; this
-        # saves one RPC per request on both sides). Awaited on the loop: it is I/O, not compute.
+        # saves one RPC per request on both sides). Awaited on the loop: it is I/O, not compute. Several
+        # calls may be in flight: one slow or stalled user_service replica does not hold up the others,
+        # and the next users are encoded while the scorer works on the previous ones.
         self.user_batcher: MicroBatcher[_UserJob, tuple[torch.Tensor, str]] = MicroBatcher(
             self._encode_users,
             max_batch_size=config.max_batch_size,
             max_wait_s=config.max_wait_ms / 1000.0,
             max_queue=config.max_queue,
             name="gateway-user-encode",
+            max_in_flight=config.max_user_calls_in_flight,
         )
         self.batcher: MicroBatcher[Query, SearchResult] = MicroBatcher(
             self.index.search,
@@ -69,25 +73,25 @@ class Gateway:
             on_change=self._on_corpus_change,
             tls=config.upstream_tls,
         )
-        self._tasks: list[asyncio.Task] = []
+        self.supervisor = Supervisor(
+            backoff_initial_s=config.reconnect_initial_s, backoff_max_s=config.reconnect_max_s
+        )
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self, health: Health) -> None:
         """Start scoring, following the corpus and tracking readiness (on the running loop)."""
         self.batcher.start()
         self.user_batcher.start()
-        self._tasks = [
-            asyncio.create_task(self.follower.run(), name="corpus-follower"),
-            asyncio.create_task(self._track_readiness(health), name="readiness"),
-        ]
+        # Supervised: a crash is logged, counted, shown in GetStatus, and the loop restarted.
+        self.supervisor.spawn("corpus-follower", self.follower.run, lambda _exc: self._follower_crashed())
+        self.supervisor.spawn("readiness", lambda: self._track_readiness(health))
+
+    def _follower_crashed(self) -> None:
+        self.follower.disconnected("crash")
+        self._wake.set()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await self.supervisor.stop()
         await self.user_batcher.stop()
         await self.batcher.stop()
         await self.users.close()
@@ -167,9 +171,44 @@ class Gateway:
         return result
 
     async def _encode_users(self, jobs: list[_UserJob]) -> list[tuple[torch.Tensor, str] | BaseException]:
-        """One EncodeUsers call for a batch of requests. The call may take as long as the most patient
-        caller allows (each caller's own deadline still bounds its own RPC)."""
-        timeout = max(0.001, max(job.deadline for job in jobs) - asyncio.get_running_loop().time())
+        """EncodeUsers for a batch of requests, bounded by the TIGHTEST deadline among them: a call
+        that outlives its most impatient caller holds a slot for nothing. When that deadline passes,
+        the callers that still have time are sent again on their own (tighter-first) deadline."""
+        loop = asyncio.get_running_loop()
+        results: list[tuple[torch.Tensor, str] | BaseException | None] = [None] * len(jobs)
+        todo = list(range(len(jobs)))
+        while todo:
+            batch = [jobs[i] for i in todo]
+            timeout = max(0.001, min(job.deadline for job in batch) - loop.time())
+            try:
+                out = await self._encode_call(batch, timeout)
+            except DeadlineExpired as exc:
+                now = loop.time()
+                expired = [i for i in todo if jobs[i].deadline <= now + 0.001]
+                if not expired:  # the call failed faster than its deadline: nobody to retry for
+                    expired = todo
+                for i in expired:
+                    results[i] = exc
+                todo = [i for i in todo if i not in set(expired)]
+                continue
+            for i, row in zip(todo, out, strict=True):
+                results[i] = row
+            todo = []
+        return results  # type: ignore[return-value]
+
+    async def _encode_call(
+        self, jobs: list[_UserJob], timeout: float
+    ) -> list[tuple[torch.Tensor, str] | BaseException]:
+        metrics.USER_CALLS_IN_FLIGHT.inc()
+        try:
+            return await self._encode_call_inner(jobs, timeout)
+        finally:
+            metrics.USER_CALLS_IN_FLIGHT.dec()
+
+    async def _encode_call_inner(
+        self, jobs: list[_UserJob], timeout: float
+    ) -> list[tuple[torch.Tensor, str] | BaseException]:
+        """One EncodeUsers call; DeadlineExpired propagates (the caller retries the patient ones)."""
         try:
             embeddings, fingerprint = await self.users.encode([job.user for job in jobs], timeout)
         except InvalidInput as exc:
@@ -178,6 +217,8 @@ class Gateway:
             # One bad user context (e.g. a feature id the model rejects) must not fail the others
             # coalesced with it: retry each alone, so only the bad one gets INVALID_ARGUMENT.
             return await asyncio.gather(*(self._encode_alone(job) for job in jobs), return_exceptions=True)
+        except DeadlineExpired:
+            raise
         except ServiceError as exc:
             return [exc] * len(jobs)
         return [(row, fingerprint) for row in embeddings]
@@ -203,7 +244,16 @@ class Gateway:
             device=str(self.device),
             dtype=dtype,
             candidate_service_connected=self.follower.connected,
+            user_calls_in_flight=self.user_batcher.batches_in_flight,
         )
+        for state in self.supervisor.states.values():
+            status.background_tasks.add(
+                name=state.name, running=state.running, failures=state.failures, last_error=state.last_error
+            )
+        status.background_tasks.add(  # errors the follower survived by resyncing
+            name="corpus-stream", running=self.follower.connected, failures=self.follower.errors,
+            last_error=self.follower.last_error,
+        )  # fmt: skip
         if info is not None:
             status.corpus_version, status.corpus_size = info.version, info.size
             status.model_fingerprint = info.fingerprint

@@ -31,3 +31,9 @@ RECONNECTS = Counter(
     "twotower_gateway_watch_reconnects_total", "WatchCorpus streams (re)opened after an error", ["reason"]
 )
 CANDIDATE_CONNECTED = Gauge("twotower_gateway_candidate_connected", "1 while watching candidate_service")
+FOLLOWER_ERRORS = Counter(
+    "twotower_gateway_follower_errors_total",
+    "Unexpected corpus-follower failures (each followed by a fresh snapshot), by exception type",
+    ["type"],
+)
+USER_CALLS_IN_FLIGHT = Gauge("twotower_gateway_user_calls_in_flight", "EncodeUsers calls now in flight")

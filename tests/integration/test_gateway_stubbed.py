@@ -42,12 +42,18 @@ class StubUser(user_tower_pb2_grpc.UserTowerServicer):
         self.users_per_call: list[int] = []
         self.gate: asyncio.Event | None = None  # when set by a test, calls wait for it
         self.bad_user_ids: set[int] = set()  # answered with INVALID_ARGUMENT, like a model limit
+        self.stalled_user_ids: set[int] = set()  # calls carrying one of these hang until cancelled
+        self.delays: list[float] = []  # seconds the next calls sleep before answering, one per call
 
     async def EncodeUsers(self, request, context):
         self.time_remaining.append(context.time_remaining())
         self.users_per_call.append(len(request.users))
         if self.gate is not None:
             await self.gate.wait()
+        if self.delays:
+            await asyncio.sleep(self.delays.pop(0))
+        if any(u.user_id in self.stalled_user_ids for u in request.users):
+            await asyncio.Event().wait()  # a stalled replica (SIGSTOP, GC pause): only the deadline ends it
         bad = [i for i, u in enumerate(request.users) if u.user_id in self.bad_user_ids]
         if bad:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"users[{bad[0]}]: too many user_features")
@@ -302,7 +308,7 @@ def test_results_equal_brute_force_with_ties_metadata_and_deadline():
 
 def test_concurrent_requests_share_one_user_call_and_a_bad_user_fails_alone():
     async def main():
-        async with stack() as h:
+        async with stack(max_user_calls_in_flight=1) as h:
             items = h.cand.items
             h.user.gate = asyncio.Event()
             h.user.users_per_call.clear()
