@@ -10,11 +10,13 @@ from retrieval_gateway.index import SearchResult
 from shared.convert import user_context_from_proto
 from shared.errors import InvalidInput
 from shared.model.actions import ACTION_NAMES
+from shared.model.features import UserContext
 from twotower.v1 import retrieval_gateway_pb2
 
 
 @dataclass(frozen=True)
 class RetrieveSpec:
+    user: UserContext  # parsed and checked once here; sent to user_service in columns (no re-parse)
     k: int
     exclude_post_ids: np.ndarray  # [e] int64: explicit exclusions plus history posts when asked
     exclude_author_ids: np.ndarray  # [a] int64
@@ -48,7 +50,7 @@ def retrieve_spec_from_proto(
     if request.exclude_history:
         posts = np.concatenate([posts, ctx.post_ids])
     authors = np.fromiter(request.exclude_author_ids, np.int64, len(request.exclude_author_ids))
-    return RetrieveSpec(request.k, np.unique(posts), np.unique(authors))
+    return RetrieveSpec(ctx, request.k, np.unique(posts), np.unique(authors))
 
 
 def result_to_proto(result: SearchResult) -> retrieval_gateway_pb2.RetrieveResponse:

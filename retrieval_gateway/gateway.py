@@ -22,16 +22,17 @@ from retrieval_gateway.index import CorpusIndex, CorpusInfo, Query, SearchResult
 from retrieval_gateway.user_client import UserEncoder
 from shared.batching import BatchReport, MicroBatcher
 from shared.errors import DeadlineExpired, InvalidInput, ModelMismatch, NotReady, ServiceError
+from shared.model.features import UserContext
 from shared.server.bootstrap import Health
 from shared.supervision import Supervisor
-from twotower.v1 import common_pb2, retrieval_gateway_pb2
+from twotower.v1 import retrieval_gateway_pb2
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class _UserJob:
-    user: common_pb2.UserContext
+    user: UserContext  # parsed and checked by the gateway
     deadline: float  # loop.time() by which the caller stops waiting for its embedding
 
 
@@ -156,7 +157,7 @@ class Gateway:
         t0 = time.perf_counter()
         user_deadline = loop.time() + (cfg.user_timeout_s if time_remaining is None else time_remaining)
         embedding, fingerprint = await self.user_batcher.submit(
-            _UserJob(request.user, user_deadline), deadline
+            _UserJob(spec.user, user_deadline), deadline
         )
         t1 = time.perf_counter()
         metrics.LATENCY.labels("user_encode").observe(t1 - t0)

@@ -11,7 +11,9 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared import codec
+from shared.convert import user_batch_to_proto
 from shared.errors import DeadlineExpired, InvalidInput, NotReady, Overloaded
+from shared.model.features import UserContext
 from shared.tls import ClientTLS, aio_channel
 from twotower.v1 import common_pb2, user_tower_pb2, user_tower_pb2_grpc
 
@@ -37,11 +39,10 @@ class UserEncoder:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def encode(
-        self, users: Sequence[common_pb2.UserContext], timeout: float
-    ) -> tuple[torch.Tensor, str]:
-        """Embeddings [B, D] fp32 of B users (one call) and the fingerprint of the model that made them."""
-        request = user_tower_pb2.EncodeUsersRequest(users=users)
+    async def encode(self, users: Sequence[UserContext], timeout: float) -> tuple[torch.Tensor, str]:
+        """Embeddings [B, D] fp32 of B parsed users (one call, sent in columns) and the fingerprint of
+        the model that made them."""
+        request = user_tower_pb2.EncodeUsersRequest(batch=user_batch_to_proto(users))
         try:
             response = await self._stub.EncodeUsers(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:

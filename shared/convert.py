@@ -6,10 +6,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from shared import codec
 from shared.errors import InvalidInput
 from shared.model.actions import ACTION_IDS
 from shared.model.features import DEFAULT_MAX_HISTORY_EVENTS, UserContext
-from twotower.v1 import common_pb2
+from twotower.v1 import common_pb2, user_tower_pb2
+
+# action_names + action_ids of one event (duplicates allowed): a bound, so that one event cannot make
+# the server build a list of millions of entries (there are 19 actions).
+MAX_ACTIONS_PER_EVENT = 64
 
 
 def user_context_from_proto(
@@ -30,6 +35,12 @@ def user_context_from_proto(
     hit_ids: list[int] = []
     for i, event in enumerate(history):
         scalars.append((event.post_id, event.author_id, event.product_surface, event.timestamp_ms))
+        n_actions = len(event.action_names) + len(event.action_ids)
+        if n_actions > MAX_ACTIONS_PER_EVENT:
+            raise InvalidInput(
+                f"{where}.history[{i}] has {n_actions} action_names + action_ids; "
+                f"the limit is {MAX_ACTIONS_PER_EVENT}"
+            )
         for name in event.action_names:
             action = ACTION_IDS.get(name, num_actions)
             if action >= num_actions:
@@ -86,6 +97,78 @@ def user_context_to_proto(
             timestamp_ms=int(timestamps_ms[i]) if timestamps_ms is not None else 0,
         )
     return msg
+
+
+_I64 = (common_pb2.DTYPE_INT64,)
+
+
+def user_batch_to_proto(contexts: Sequence[UserContext]) -> user_tower_pb2.UserBatch:
+    """Parsed, checked contexts -> one columnar message (no per-event work on either side)."""
+    lengths = np.array([len(c.post_ids) for c in contexts], np.int64)
+    counts = np.array([len(c.user_features) for c in contexts], np.int64)
+    num_actions = contexts[0].actions.shape[1] if contexts else 0
+    weights = np.left_shift(np.int64(1), np.arange(num_actions, dtype=np.int64))  # [A]
+
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64)
+
+    actions = [c.actions.astype(np.int64) @ weights if len(c.post_ids) else np.zeros(0, np.int64)
+               for c in contexts]  # fmt: skip
+    return user_tower_pb2.UserBatch(
+        user_ids=codec.encode(np.array([c.user_id for c in contexts], np.int64)),
+        history_lengths=codec.encode(lengths),
+        post_ids=codec.encode(cat([c.post_ids for c in contexts])),
+        author_ids=codec.encode(cat([c.author_ids for c in contexts])),
+        action_bits=codec.encode(cat(actions)),
+        product_surfaces=codec.encode(cat([c.surfaces for c in contexts])),
+        user_feature_counts=codec.encode(counts),
+        user_features=codec.encode(cat([np.asarray(c.user_features, np.int64) for c in contexts])),
+    )
+
+
+def user_batch_from_proto(
+    msg: user_tower_pb2.UserBatch, num_actions: int, max_history_events: int
+) -> list[UserContext]:
+    """The inverse, checking the columns' shapes and the per-user limits (value ranges are checked
+    per user by `validate_user`, as for `users`)."""
+    user_ids = codec.decode_numpy(msg.user_ids, "batch.user_ids", _I64, shape=(None,))
+    b = user_ids.shape[0]
+    lengths = codec.decode_numpy(msg.history_lengths, "batch.history_lengths", _I64, shape=(b,))
+    counts = codec.decode_numpy(msg.user_feature_counts, "batch.user_feature_counts", _I64, shape=(b,))
+    for name, values, high in (("history_lengths", lengths, max_history_events),
+                               ("user_feature_counts", counts, None)):  # fmt: skip
+        bad = np.flatnonzero((values < 0) | (values > high if high is not None else False))
+        if bad.size:
+            limit = f"[0, {high}]" if high is not None else ">= 0"
+            raise InvalidInput(f"batch.{name}[{int(bad[0])}] = {int(values[bad[0]])}; must be {limit}")
+    n = int(lengths.sum())
+    columns = [
+        codec.decode_numpy(getattr(msg, name), f"batch.{name}", _I64, shape=(n,))
+        for name in ("post_ids", "author_ids", "action_bits", "product_surfaces")
+    ]
+    post_ids, author_ids, bits, surfaces = columns
+    features = codec.decode_numpy(msg.user_features, "batch.user_features", _I64, shape=(int(counts.sum()),))
+    bad = np.flatnonzero((bits < 0) | (bits >= (1 << num_actions)))
+    if bad.size:
+        raise InvalidInput(f"batch.action_bits[{int(bad[0])}] has bits outside the {num_actions} actions")
+    actions = (bits[:, None] >> np.arange(num_actions, dtype=np.int64)) & 1  # [N, A]
+    actions = actions.astype(bool)
+    ends, f_ends = np.cumsum(lengths), np.cumsum(counts)
+    contexts = []
+    for i in range(b):
+        lo, hi = int(ends[i] - lengths[i]), int(ends[i])
+        f_lo, f_hi = int(f_ends[i] - counts[i]), int(f_ends[i])
+        contexts.append(
+            UserContext(
+                user_id=int(user_ids[i]),
+                post_ids=post_ids[lo:hi],
+                author_ids=author_ids[lo:hi],
+                actions=actions[lo:hi],
+                surfaces=surfaces[lo:hi],
+                user_features=tuple(features[f_lo:f_hi].tolist()),
+            )
+        )
+    return contexts
 
 
 def item_columns_from_proto(

@@ -7,7 +7,8 @@ import asyncio
 import grpc
 
 from shared import codec
-from shared.convert import user_context_from_proto
+from shared.convert import user_batch_from_proto, user_context_from_proto
+from shared.errors import InvalidInput
 from shared.model.features import UserContext, validate_user
 from twotower.v1 import common_pb2, user_tower_pb2, user_tower_pb2_grpc
 from user_service.service import EncodingService
@@ -20,7 +21,7 @@ class UserTowerServicer(user_tower_pb2_grpc.UserTowerServicer):
     async def EncodeUsers(
         self, request: user_tower_pb2.EncodeUsersRequest, context: grpc.aio.ServicerContext
     ) -> user_tower_pb2.EncodeUsersResponse:
-        contexts = self._contexts(request.users)
+        contexts = self._contexts(request)
         remaining = context.time_remaining()  # seconds, None without a client deadline
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
         embeddings, model = await self._service.encode(contexts, deadline)
@@ -30,15 +31,23 @@ class UserTowerServicer(user_tower_pb2_grpc.UserTowerServicer):
             model=common_pb2.ModelInfo(fingerprint=model.fingerprint, embedding_dim=model.embedding_dim),
         )
 
-    def _contexts(self, users) -> list[UserContext]:
+    def _contexts(self, request: user_tower_pb2.EncodeUsersRequest) -> list[UserContext]:
         """Every user is checked here, before it can join a batch: a bad call fails alone."""
-        self._service.check_call_size(len(users))
+        batch = request.batch if request.HasField("batch") else None
+        if batch is not None and len(request.users):
+            raise InvalidInput("EncodeUsersRequest: send either users or batch, not both")
+        shape = list(batch.user_ids.shape) if batch is not None else [len(request.users)]
+        if len(shape) == 1:  # the call's size before any per-user work (a bad shape fails decoding)
+            self._service.check_call_size(shape[0])
         encoder = self._service.encoder  # NotReady (UNAVAILABLE) while loading
         cfg, limit = encoder.config, encoder.max_history_events
-        contexts = []
-        for i, msg in enumerate(users):
-            where = f"users[{i}]"
-            ctx = user_context_from_proto(msg, cfg.num_actions, limit, where=where)
-            validate_user(ctx, cfg, limit, where=where)
-            contexts.append(ctx)
+        if batch is not None:
+            contexts = user_batch_from_proto(batch, cfg.num_actions, limit)
+        else:
+            contexts = [
+                user_context_from_proto(msg, cfg.num_actions, limit, where=f"users[{i}]")
+                for i, msg in enumerate(request.users)
+            ]
+        for i, ctx in enumerate(contexts):
+            validate_user(ctx, cfg, limit, where=f"users[{i}]")
         return contexts

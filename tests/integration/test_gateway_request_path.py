@@ -21,7 +21,7 @@ from tests.integration.test_gateway_stubbed import (
     stack,
     wait_until,
 )
-from twotower.v1 import candidate_tower_pb2, common_pb2
+from twotower.v1 import candidate_tower_pb2, common_pb2, retrieval_gateway_pb2
 
 STALLED = 99
 
@@ -133,5 +133,37 @@ def test_status_reports_the_supervised_background_tasks():
             names = {t.name: t for t in status.background_tasks}
             assert {"corpus-follower", "readiness", "corpus-stream"} <= set(names)
             assert names["corpus-follower"].running and names["corpus-follower"].failures == 0
+
+    run(main())
+
+
+def test_a_history_event_with_too_many_actions_is_refused_before_user_service():
+    async def main():
+        async with stack() as h:
+            h.user.users_per_call.clear()
+            event = common_pb2.Engagement(post_id=5, action_ids=[2] * 100_000)
+            request = retrieval_gateway_pb2.RetrieveRequest(
+                user=common_pb2.UserContext(user_id=USER, history=[event]), k=3
+            )
+            try:
+                await h.stub.Retrieve(request, timeout=5)
+                raise AssertionError("accepted")
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert (
+                    "user.history[0] has 100000 action_names + action_ids; the limit is 64" in exc.details()
+                )
+            assert h.user.users_per_call == []
+
+    run(main())
+
+
+def test_the_gateway_sends_user_service_the_parsed_columns_not_the_messages():
+    async def main():
+        async with stack() as h:
+            h.user.columnar.clear()
+            res = await h.retrieve(3, history=(4, 5, 6))
+            assert ids(res) == brute(h.cand.items, h.user.vectors[USER], 3)
+            assert h.user.columnar == [True]
 
     run(main())

@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY
 from retrieval_gateway.config import GatewayConfig
 from retrieval_gateway.server import create_server
 from shared import codec
+from shared.convert import user_batch_from_proto
 from shared.server.bootstrap import ServerOptions, create_grpc_server, graceful_stop
 from twotower.v1 import (
     candidate_tower_pb2,
@@ -34,6 +35,13 @@ from twotower.v1 import (
 FP = "a1" * 8
 
 
+def request_users(request) -> list:
+    """The users of an EncodeUsers call, sent as `users` or (by the gateway) as a columnar `batch`."""
+    if request.HasField("batch"):
+        return user_batch_from_proto(request.batch, num_actions=19, max_history_events=1024)
+    return list(request.users)
+
+
 class StubUser(user_tower_pb2_grpc.UserTowerServicer):
     def __init__(self, vectors: dict[int, np.ndarray], fingerprint: str = FP) -> None:
         self.vectors = vectors
@@ -44,20 +52,23 @@ class StubUser(user_tower_pb2_grpc.UserTowerServicer):
         self.bad_user_ids: set[int] = set()  # answered with INVALID_ARGUMENT, like a model limit
         self.stalled_user_ids: set[int] = set()  # calls carrying one of these hang until cancelled
         self.delays: list[float] = []  # seconds the next calls sleep before answering, one per call
+        self.columnar: list[bool] = []  # per call: users sent as a columnar batch
 
     async def EncodeUsers(self, request, context):
+        users = request_users(request)
+        self.columnar.append(request.HasField("batch") and not request.users)
         self.time_remaining.append(context.time_remaining())
-        self.users_per_call.append(len(request.users))
+        self.users_per_call.append(len(users))
         if self.gate is not None:
             await self.gate.wait()
         if self.delays:
             await asyncio.sleep(self.delays.pop(0))
-        if any(u.user_id in self.stalled_user_ids for u in request.users):
+        if any(u.user_id in self.stalled_user_ids for u in users):
             await asyncio.Event().wait()  # a stalled replica (SIGSTOP, GC pause): only the deadline ends it
-        bad = [i for i, u in enumerate(request.users) if u.user_id in self.bad_user_ids]
+        bad = [i for i, u in enumerate(users) if u.user_id in self.bad_user_ids]
         if bad:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"users[{bad[0]}]: too many user_features")
-        emb = np.stack([self.vectors[u.user_id] for u in request.users]).astype(np.float32)
+        emb = np.stack([self.vectors[u.user_id] for u in users]).astype(np.float32)
         model = common_pb2.ModelInfo(fingerprint=self.fingerprint, embedding_dim=emb.shape[1])
         return user_tower_pb2.EncodeUsersResponse(embeddings=codec.encode(emb), model=model)
 

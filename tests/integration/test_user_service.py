@@ -11,13 +11,14 @@ import contextlib
 import threading
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from shared import codec
-from shared.convert import user_context_from_proto
+from shared.convert import user_batch_to_proto, user_context_from_proto
 from shared.model.checkpoint import load_checkpoint
 from shared.model.features import featurize_users
 from shared.server.bootstrap import ServerOptions
@@ -83,6 +84,18 @@ def _request(*users) -> user_tower_pb2.EncodeUsersRequest:
     return user_tower_pb2.EncodeUsersRequest(users=list(users))
 
 
+def _batch(*users: common_pb2.UserContext) -> user_tower_pb2.UserBatch:
+    return user_batch_to_proto([user_context_from_proto(u, 19) for u in users])
+
+
+def _batch_request(*users: common_pb2.UserContext, **columns) -> user_tower_pb2.EncodeUsersRequest:
+    """A columnar request, with some columns replaced (to break it)."""
+    batch = _batch(*users)
+    for name, values in columns.items():
+        getattr(batch, name).CopyFrom(codec.encode(np.asarray(values, np.int64)))
+    return user_tower_pb2.EncodeUsersRequest(batch=batch)
+
+
 def _reference(model, *users) -> torch.Tensor:
     contexts = [user_context_from_proto(u, model.config.num_actions) for u in users]
     with torch.inference_mode():
@@ -116,6 +129,32 @@ def test_served_embeddings_equal_the_in_process_model(tiny_checkpoint, tiny_mode
             torch.testing.assert_close(_rows(response), _reference(tiny_model, *sent), atol=1e-5, rtol=1e-5)
 
     asyncio.run(asyncio.wait_for(main(), T))
+
+
+def test_a_columnar_batch_encodes_exactly_like_the_same_users_as_messages(tiny_checkpoint, tiny_model):
+    users = [
+        _user(7),
+        _user(8, n=0),
+        _user(9, n=5),
+        common_pb2.UserContext(
+            user_id=4,
+            history=[
+                common_pb2.Engagement(
+                    post_id=3, action_names=["favorite", "reply", "report"], action_ids=[18]
+                )
+            ],
+        ),
+    ]
+
+    async def main():
+        async with serving(tiny_checkpoint) as (_app, stub, _encoder):
+            as_messages = await stub.EncodeUsers(_request(*users), timeout=10)
+            as_columns = await stub.EncodeUsers(_batch_request(*users), timeout=10)
+        return as_messages, as_columns
+
+    as_messages, as_columns = asyncio.run(asyncio.wait_for(main(), T))
+    torch.testing.assert_close(_rows(as_columns), _rows(as_messages), atol=0, rtol=0)
+    torch.testing.assert_close(_rows(as_columns), _reference(tiny_model, *users), atol=1e-5, rtol=1e-5)
 
 
 def test_history_longer_than_s_is_truncated_to_the_last_s(tiny_checkpoint, tiny_model):
@@ -219,6 +258,19 @@ BAD_INPUTS = {
                               "user_features has 1 values; the model takes at most 0"),
     "second user bad": (_request(_user(1), _engagement(action_names=["nope"])),
                         "users[1].history[0].action_names: unknown action 'nope'"),
+    "millions of actions": (_request(_engagement(action_ids=[3] * 2_000_000)),
+                            "history[0] has 2000000 action_names + action_ids; the limit is 64"),
+    "users and batch": (user_tower_pb2.EncodeUsersRequest(users=[_user(1)], batch=_batch(_user(2))),
+                        "either users or batch"),
+    "batch action bits": (_batch_request(_user(3), action_bits=[1 << 19, 1, 1]),
+                          "batch.action_bits[0] has bits outside the 19 actions"),
+    "batch lengths": (_batch_request(_user(3), history_lengths=[4]), "batch.post_ids"),
+    "batch history": (_batch_request(_user(3), history_lengths=[51]),
+                      "batch.history_lengths[0] = 51; must be [0, 50]"),
+    "batch surface": (_batch_request(_user(3), product_surfaces=[0, 16, 0]),
+                      "users[0].history[1].product_surface 16 out of range"),
+    "batch too many users": (_batch_request(*[_user(u) for u in range(1, 6)]),
+                             "5 users in one call; the limit is 4"),
 }  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from tests.integration.test_gateway_stubbed import (
     add_candidate,
     add_user,
     corpus,
+    request_users,
     start_stub,
     stop_stub,
 )
@@ -58,7 +59,7 @@ class ChosenUser(user_tower_pb2_grpc.UserTowerServicer):
     async def EncodeUsers(self, request, context):
         if self.reply is not None:
             return self.reply
-        emb = np.full((len(request.users), D), 1 / np.sqrt(D), np.float32)
+        emb = np.full((len(request_users(request)), D), 1 / np.sqrt(D), np.float32)
         model = common_pb2.ModelInfo(fingerprint=FP, embedding_dim=D)
         return user_tower_pb2.EncodeUsersResponse(embeddings=codec.encode(emb), model=model)
 
