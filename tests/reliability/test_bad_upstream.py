@@ -102,7 +102,7 @@ def env():
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = retrieval_gateway_pb2_grpc.RetrievalGatewayStub(channel)
     _wait_ok(stub)
-    yield user, cand, stub
+    yield user, cand, stub, lt
     channel.close()
 
     async def down():
@@ -145,7 +145,7 @@ tensors = st.builds(
 @SETTINGS
 @given(embeddings=tensors, fingerprint=st.sampled_from([FP, "", "ff" * 8]), dim=st.integers(0, 20))
 def test_malformed_user_embeddings_get_a_deliberate_status(env, embeddings, fingerprint, dim):
-    user, _cand, stub = env
+    user, _cand, stub, _lt = env
     user.reply = user_tower_pb2.EncodeUsersResponse(
         embeddings=embeddings, model=common_pb2.ModelInfo(fingerprint=fingerprint, embedding_dim=dim)
     )
@@ -165,7 +165,7 @@ def test_malformed_user_embeddings_get_a_deliberate_status(env, embeddings, fing
     fingerprint=st.sampled_from([FP, "ff" * 8]),
 )  # fmt: skip
 def test_malformed_corpus_events_never_break_serving(env, kind, version_step, a, b, c, fingerprint):
-    _user, cand, stub = env
+    _user, cand, stub, lt = env
     version = cand.version + version_step
     if kind == "delta":
         event = candidate_tower_pb2.CorpusEvent(delta=candidate_tower_pb2.CorpusDelta(
@@ -177,7 +177,28 @@ def test_malformed_corpus_events_never_break_serving(env, kind, version_step, a,
             version=version, fingerprint=fingerprint, chunk_index=0, num_chunks=1, total_items=3,
             post_ids=a, author_ids=b, embeddings=c,
         ))  # fmt: skip
-    cand.publish(event)
+    lt.run(_on_loop(cand.publish, event))  # the stub's queues belong to the servers' loop
     # The last good corpus keeps answering while the follower drops the bad stream and resyncs.
     assert _retrieve(stub) in {"OK", "FAILED_PRECONDITION"}
+    # Then a real change: the gateway must reach it (a follower that died on the bad event, or still
+    # believes in it, never does). Answering Retrieve alone would not show that.
+    post = 10_000 + cand.version
+    vector = np.full((1, D), 1 / np.sqrt(D), np.float32)
+    lt.run(_on_loop(cand.upsert, [post], [1], vector))
+    _wait_version(stub, cand.version, len(cand.items))
     _wait_ok(stub)
+
+
+async def _on_loop(fn, *args):
+    return fn(*args)
+
+
+def _wait_version(stub, version: int, size: int, attempts: int = 400) -> None:
+    status = None
+    for _ in range(attempts):
+        status = stub.GetStatus(retrieval_gateway_pb2.GetStatusRequest(), timeout=5)
+        current = (status.corpus_version, status.corpus_size)
+        if current == (version, size) and status.candidate_service_connected:
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError(f"gateway stuck at {status}; candidate_service is at v{version} with {size} items")
