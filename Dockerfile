@@ -16,9 +16,10 @@ COPY user_service ./user_service
 COPY candidate_service ./candidate_service
 COPY retrieval_gateway ./retrieval_gateway
 COPY training ./training
-RUN pip install -c constraints.txt -e ".[dev]" \
-    && python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/twotower/v1/*.proto \
-    && touch twotower/__init__.py twotower/v1/__init__.py
+# Protos first, then the editable install, so that the console scripts (`twotower health` in every compose
+# health check) import the generated code from any directory; tests/unit/test_compose.py runs this script.
+COPY docker/install.sh ./docker/install.sh
+RUN sh docker/install.sh
 
 # Non-root at run time; artifacts (model, corpus, caches) live on a volume.
 RUN useradd --create-home --uid 10001 app && mkdir -p /artifacts && chown app:app /artifacts

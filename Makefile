@@ -9,30 +9,43 @@ PYTEST_ARGS ?=
 
 PROTO_SRC := $(wildcard protos/twotower/v1/*.proto)
 PROTO_STAMP := twotower/.generated
+PROTOC_STAMP := $(VENV)/.installed-protoc
 SETUP_STAMP := $(VENV)/.installed
 
 .PHONY: setup proto test test-reliability lint format clean train run-stack
 
-setup: $(SETUP_STAMP) $(PROTO_STAMP)
+# Order: venv -> protoc (grpcio-tools alone) -> generated ./twotower -> the project's editable install.
+# The install must come after the protos: setuptools' editable finder maps only the top-level packages
+# that exist when it is installed, and the console scripts (.venv/bin/twotower, twotower-stack, the
+# services) run with .venv/bin on sys.path, not the repo, so a ./twotower generated afterwards would be
+# importable only through `python -m` from the repo root. docker/install.sh does the same for the image.
+setup: $(SETUP_STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Re-installs only when the dependency declarations change.
-$(SETUP_STAMP): pyproject.toml constraints.txt | $(PY)
+$(PROTOC_STAMP): constraints.txt | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,parquet]"
+	$(PY) -m pip install --quiet -c constraints.txt grpcio-tools
 	touch $@
 
 proto: $(PROTO_STAMP)
 
 # Generated code goes to ./twotower (gitignored): protoc's imports (`from twotower.v1 import ...`)
-# resolve as-is because the package root is on sys.path (editable install / repo root).
-$(PROTO_STAMP): $(PROTO_SRC) constraints.txt | $(SETUP_STAMP)
+# resolve as-is because the package root is mapped by the editable install (see above).
+$(PROTO_STAMP): $(PROTO_SRC) constraints.txt | $(PROTOC_STAMP)
 	rm -rf twotower
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
 	touch twotower/__init__.py twotower/v1/__init__.py
+	touch $@
+
+# Re-installs when the dependency declarations change or the protos were regenerated (about 5 s when
+# nothing else changed; this also repairs a venv installed before ./twotower existed). The last line
+# proves, from outside the repo, that the installed scripts will find both the code and the protos.
+$(SETUP_STAMP): pyproject.toml constraints.txt $(PROTO_STAMP) | $(PY)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,parquet]"
+	cd / && "$(CURDIR)/$(PY)" -c "import shared, twotower.v1"
 	touch $@
 
 # MovieLens-100K (GroupLens), as packaged in the RecBole 1.2.1 wheel: fetched once into .cache/ (never
