@@ -5,6 +5,8 @@ three cleanly on Ctrl-C (or when any of them dies). Each service logs to its own
 from __future__ import annotations
 
 import argparse
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -150,21 +152,32 @@ def run(args: argparse.Namespace) -> int:
         print("all services stopped", flush=True)
 
 
+def installed_script(name: str) -> str:
+    """The absolute path of console script `name` of this installation (beside the interpreter in a
+    venv, else on PATH), so that a printed command works from any directory."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    return shutil.which(name) or name
+
+
 def _print_ready(services: list[Managed], args: argparse.Namespace) -> None:
     candidate, user, gateway = services
     defaults = (args.gateway_port, args.user_port, args.candidate_port) == (50051, 50052, 50053)
-    cli = ".venv/bin/twotower" + (
+    cli = shlex.quote(installed_script("twotower")) + (
         "" if defaults
         else f" --gateway {gateway.address} --user-service {user.address} --candidate {candidate.address}"
     )  # fmt: skip
+    # Absolute paths throughout: the commands are meant to be pasted into another terminal, anywhere.
+    artifacts = shlex.quote(str(Path(args.artifacts).absolute()))
     print(f"""
 The stack is up (Ctrl-C stops all three):
-  retrieval_gateway  {gateway.address}   log {gateway.log_path}
-  user_service       {user.address}   log {user.log_path}
-  candidate_service  {candidate.address}   log {candidate.log_path}
+  retrieval_gateway  {gateway.address}   log {gateway.log_path.absolute()}
+  user_service       {user.address}   log {user.log_path.absolute()}
+  candidate_service  {candidate.address}   log {candidate.log_path.absolute()}
 
 Try, in another terminal:
-  {cli} retrieve --movielens-user 42 -k 10 --exclude-history
+  {cli} retrieve --movielens-user 42 --artifacts {artifacts} -k 10 --exclude-history
   {cli} retrieve --user-id 7 --history 50:favorite 172:favorite,click 181:click -k 5
   {cli} status
 """, flush=True)  # fmt: skip

@@ -1,14 +1,20 @@
 """End to end through the client library and the CLI: the three real services as subprocesses with a
-small random-init checkpoint and corpus, compared with the same model computed in this process."""
+small random-init checkpoint and corpus, compared with the same model computed in this process. The CLI
+and the stack supervisor run as a user runs them: the installed console scripts, from a directory
+outside the repository."""
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +32,23 @@ pytestmark = pytest.mark.slow  # three processes, each importing torch
 N = 80
 HISTORY = [HistoryEvent(3, 3, ("favorite",)), HistoryEvent(11, 3, ("reply", "click")), HistoryEvent(40, 0)]
 BOUND_S = 10.0
+# The console scripts of the installation under test: beside the interpreter, in its venv's bin/.
+SCRIPTS = Path(sys.executable).parent
+
+
+def installed(name: str) -> str:
+    path = SCRIPTS / name
+    assert path.is_file(), f"console script {name} not installed beside {sys.executable}: run `make setup`"
+    return str(path)
+
+
+def outside(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A working directory outside the repository and an environment with nothing that would put the
+    repository on sys.path: the installation alone must make the packages (and the protos) importable."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir(exist_ok=True)
+    assert not cwd.resolve().is_relative_to(REPO_ROOT.resolve())
+    return cwd, {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
 
 
 def expected_top(checkpoint, k: int, exclude: set[int]) -> tuple[list[int], np.ndarray]:
@@ -90,12 +113,13 @@ def test_stack_end_to_end(tmp_path, tiny_checkpoint):
             wait_until(lambda: len(client.retrieve(7, HISTORY, k=N + 1).items) == N - 1, "delete")
             assert {9001, ids[0]}.isdisjoint(it.post_id for it in client.retrieve(7, HISTORY, k=N + 1).items)
 
-        # the CLI prints a readable table against the same stack
+        # the installed CLI, run from another directory, prints a readable table against the same stack
+        cwd, env = outside(tmp_path)
         cli = subprocess.run(
-            [sys.executable, "-m", "shared.client.cli", "--gateway", gateway.address,
+            [installed("twotower"), "--gateway", gateway.address,
              "--candidate", cand.address, "--user-service", user.address,
              "retrieve", "--user-id", "7", "--history", "3:favorite", "-k", "3"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+            cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert cli.returncode == 0, cli.stderr
         assert cli.stdout.splitlines()[1].split()[0] == "rank" and "corpus version" in cli.stdout
@@ -118,17 +142,22 @@ def _free_ports(n: int) -> list[int]:
 
 
 def test_run_stack_supervisor_starts_serves_and_stops(tmp_path, tiny_checkpoint):
-    """What `make run-stack` runs: all three up, the printed example works, Ctrl-C stops everything."""
+    """What `make run-stack` runs, as the installed `twotower-stack` from outside the repository: all
+    three up, every command it prints works as printed from yet another directory, Ctrl-C stops
+    everything."""
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
     os.symlink(tiny_checkpoint, artifacts / "checkpoint")
     write_items(artifacts / "items.jsonl", N)
+    history = [{"post_id": 3, "actions": ["favorite"]}, {"post_id": 11, "actions": ["click"]}]
+    (artifacts / "histories.jsonl").write_text(json.dumps({"user_id": 42, "history": history}) + "\n")
     g, u, c = _free_ports(3)
+    cwd, env = outside(tmp_path)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.stack", "--artifacts", str(artifacts),
+        [installed("twotower-stack"), "--artifacts", str(artifacts),
          "--cache-dir", str(tmp_path / "cache"), "--log-dir", str(tmp_path / "logs"),
          "--gateway-port", str(g), "--user-port", str(u), "--candidate-port", str(c), "--device", "cpu"],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     lines = []
     try:
@@ -141,14 +170,24 @@ def test_run_stack_supervisor_starts_serves_and_stops(tmp_path, tiny_checkpoint)
             if line.strip().endswith(" status"):  # the last example the supervisor prints
                 break
         assert any("The stack is up" in ln for ln in lines), "".join(lines)
-        # run the printed example exactly as a person would copy it
-        example = lines[-1].split()
-        assert example[0] == ".venv/bin/twotower" and f"127.0.0.1:{g}" in example, lines[-1]
-        status = subprocess.run(
-            [sys.executable, "-m", "shared.client.cli", *example[1:]],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert status.returncode == 0 and status.stdout.count("SERVING") == 3, status.stdout + status.stderr
+        printed = [ln for ln in lines[lines.index("Try, in another terminal:\n") + 1 :] if ln.strip()]
+        assert len(printed) == 3, lines
+        # run every printed command exactly as a person would paste it, in another directory
+        paste_dir = tmp_path / "another"
+        paste_dir.mkdir()
+        outputs = []
+        for command in printed:
+            argv = shlex.split(command)
+            assert argv[0] == installed("twotower") and f"127.0.0.1:{g}" in argv, command
+            done = subprocess.run(argv, cwd=paste_dir, env=env, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, f"{command}\n{done.stdout}{done.stderr}"
+            outputs.append(done.stdout)
+        movielens, explicit, status = outputs
+        assert movielens.startswith("user 42, 2 history events"), movielens  # histories.jsonl was found
+        assert explicit.startswith("user 7, 3 history events"), explicit
+        for table in (movielens, explicit):
+            assert table.splitlines()[1].split()[0] == "rank" and "corpus version" in table, table
+        assert status.count("SERVING") == 3, status
         for name in ("candidate_service", "user_service", "retrieval_gateway"):
             assert (tmp_path / "logs" / f"{name}.log").stat().st_size > 0
     finally:
@@ -158,3 +197,16 @@ def test_run_stack_supervisor_starts_serves_and_stops(tmp_path, tiny_checkpoint)
     assert "all services stopped" in out
     for port in (g, u, c):  # nothing left listening
         assert health(f"127.0.0.1:{port}", timeout=0.5) == "UNREACHABLE"
+
+
+def test_every_console_script_runs_from_outside_the_repository(tmp_path):
+    """Each [project.scripts] entry, installed, imports everything it needs (the generated protos
+    included) from any directory: `--help` exits 0 without a traceback."""
+    scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert "twotower" in scripts and "twotower-stack" in scripts
+    cwd, env = outside(tmp_path)
+    for name in scripts:
+        done = subprocess.run([installed(name), "--help"], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        assert done.returncode == 0 and "Traceback" not in done.stderr, f"{name}: {done.stderr}"
+        assert "usage:" in done.stdout, f"{name}: {done.stdout}"
