@@ -29,3 +29,13 @@ class DeadlineExpired(ServiceError):
 
 class CheckpointError(Exception):
     """A checkpoint is missing, corrupt or does not match the model (raised at load, not per request)."""
+
+
+class StorageFull(Overloaded):
+    """A durable write failed for lack of space (disk full, file size limit); nothing was applied, and
+    the same write may succeed once space is freed (RESOURCE_EXHAUSTED)."""
+
+
+class StorageUnavailable(NotReady):
+    """A durable write failed (I/O error, failed fsync); nothing was applied, reads still work
+    (UNAVAILABLE)."""
