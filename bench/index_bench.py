@@ -9,14 +9,21 @@ recall@k against the exact fp32 result of the same queries.
 - `topk fp32 fused` / `topk bf16 fused` (CPU, B=1): the same with fused_gemv=True (a
   torch.compile'd kernel that reads each row once, widening bf16 in registers; its one-time compile
   is reported separately as compile_s).
-- `index.search fp32`: the whole CorpusIndex.search path (locking, exclusions, Hit objects).
+- `index.search fp32` / `index.search bf16`: the whole CorpusIndex.search path (locking,
+  exclusions, Hit objects), for each of --index-dtypes (default: the --dtypes).
 - `bf16 native mm` (investigation only): torch.mm in bf16 with bf16 scores; shown for speed and
   recall, not used by the index (bf16 scores keep ~3 significant digits).
-- `faiss flat fp32`: faiss.IndexFlatIP (benchmark-only dependency `faiss-cpu`), CPU only.
+- `bf16 gemm bf16 query` (investigation only, cuda): torch.mm(out_dtype=fp32) on the bf16-rounded
+  query, fp32 scores; what the index's split query (hi + lo, 2B rows) costs against it.
+- `faiss flat fp32`: faiss.IndexFlatIP (benchmark-only dependency `faiss-cpu`), CPU only; skipped
+  with a note when faiss is not installed.
+
+On cuda every timed call ends with the result on the host (the serving path's copy back), and the
+timer synchronises the device before and after each call.
 
     .venv/bin/python bench/index_bench.py            # full: 1M x 64, k=100, B in {1, 32}, cpu
     .venv/bin/python bench/index_bench.py --quick    # 200k x 64, well under a minute
-    .venv/bin/python bench/index_bench.py --device cuda --n 10000000 --k 1000 --dtypes bf16 fp32 --no-faiss
+    python3 bench/index_bench.py --device cuda --n 10000000 --k 1000 --dtypes fp32 bf16 --index-dtypes bf16
 
 Targets (CPU): fp32 no slower than FAISS at both batch sizes; bf16 recall@k >= 0.99 and >= 1.8x
 faster than fp32 at batch 1. Writes results/index_bench.json (or --out).
@@ -82,6 +89,8 @@ def main() -> int:
     p.add_argument("--min-seconds", type=float, default=1.0, help="timed seconds per row (at least)")
     p.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: torch's)")
     p.add_argument("--no-faiss", action="store_true")
+    p.add_argument("--index-dtypes", nargs="*", choices=["fp32", "bf16"], default=None,
+                   help="dtypes of the index.search rows (default: --dtypes; none: no such row)")  # fmt: skip
     p.add_argument("--no-fused", action="store_true", help="skip the torch.compile'd bf16 kernel row")
     p.add_argument("--no-investigation", action="store_true", help="skip the bf16 native-mm row")
     p.add_argument("--quick", action="store_true", help="200k rows, 3 reps")
@@ -93,22 +102,24 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     device = torch.device(args.device)
-    gen = torch.Generator().manual_seed(0)
-    corpus = torch.nn.functional.normalize(torch.randn(args.n, args.dim, generator=gen), dim=1)  # [N, D]
+    gen = torch.Generator().manual_seed(1)
     queries = torch.nn.functional.normalize(torch.randn(max(args.batches), args.dim, generator=gen), dim=1)
+    # The corpus is drawn where it will live: 10M x 64 normals take ~20 s on a CPU, ms on a GPU.
+    dgen = torch.Generator(device).manual_seed(0)
+    corpus = torch.randn(args.n, args.dim, generator=dgen, device=device)
+    corpus = torch.nn.functional.normalize(corpus, dim=1)  # [N, D] fp32 on the device
     post_ids = torch.arange(1, args.n + 1)
 
     faiss_index = None
-    if not args.no_faiss and device.type == "cpu":
-        import faiss  # benchmark-only dependency: pip install faiss-cpu
-
+    faiss = _faiss() if not args.no_faiss and device.type == "cpu" else None
+    if faiss is not None:
         faiss.omp_set_num_threads(threads)
         faiss_index = faiss.IndexFlatIP(args.dim)
         faiss_index.add(corpus.numpy())
 
     n_queries = queries.shape[0]
     ties = post_ids.to(device)
-    masked = torch.tensor([args.n - 1], device=device)  # one deleted row: the mask path is exercised
+    masked = torch.tensor([args.n - 1])  # one deleted row, on the host as exact_topk prefers
     reference = corpus.to(device)
     # The exact fp32 answer for every query: the recall reference of every row.
     exact = ties[exact_topk(queries.to(device), reference, args.k, tie_ids=ties)[1]].cpu().numpy()
@@ -146,8 +157,8 @@ def main() -> int:
                 measure(name, b, search)
         del matrix
 
-    if device.type == "cpu" and "fp32" in args.dtypes:  # the full serving path, fp32
-        index = CorpusIndex(device, "fp32")
+    for dtype_name in args.dtypes if args.index_dtypes is None else args.index_dtypes:  # serving path
+        index = CorpusIndex(device, dtype_name)
         index.load_snapshot(1, FP, post_ids.numpy(), np.zeros(args.n, np.int64), corpus, [{}] * args.n)
         for b in args.batches:
 
@@ -155,7 +166,7 @@ def main() -> int:
                 results = index.search([Query(v, FP, args.k) for v in q])
                 return np.array([[h.post_id for h in r.hits] for r in results])
 
-            measure("index.search fp32", b, search)
+            measure(f"index.search {dtype_name}", b, search)
         del index
 
     if faiss_index is not None:
@@ -173,13 +184,21 @@ def main() -> int:
                 )
 
             measure("bf16 native mm (bf16 scores)", b, native)
+            if device.type == "cuda":  # no CPU kernel for mm(out_dtype)
+
+                def gemm(q, cb=cb):
+                    scores = torch.mm(q.to(device, torch.bfloat16), cb.T, out_dtype=torch.float32)
+                    return torch.topk(scores, args.k, dim=1)[1].cpu().numpy() + 1
+
+                measure("bf16 gemm bf16 query (fp32 scores)", b, gemm)
         del cb
 
     _print(rows, args, threads, device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     report = {
         "config": {"n": args.n, "dim": args.dim, "k": args.k, "device": str(device), "threads": threads,
-                   "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-                   "quick": args.quick},
+                   "torch": torch.__version__, "cuda": torch.version.cuda, "gpu": gpu,
+                   "machine": platform.processor() or platform.machine(), "quick": args.quick},
         "rows": rows,
         "ratios": _ratios(rows),
     }  # fmt: skip
@@ -188,6 +207,16 @@ def main() -> int:
     out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out}")
     return 0
+
+
+def _faiss():
+    """faiss, or None with a note when it is not installed (benchmark-only: pip install faiss-cpu)."""
+    try:
+        import faiss
+    except ImportError:
+        print("faiss not installed: no FAISS rows (pip install faiss-cpu for them)", file=sys.stderr)
+        return None
+    return faiss
 
 
 def _row(method: str, batch: int, times: list[float], rec: float | None) -> dict:

@@ -4,18 +4,29 @@
 computed chunk by chunk and folded into a running top-k, so peak memory is bounded by
 `max_score_elements` floats whatever B x N is. Ranking is by (score descending, tie id ascending) and
 is exact, including which of several equal scores make the cut at the k-th place.
+
+On an accelerator (cuda) the chunk loop never waits for the device: deleted rows and exclusions are
+split by chunk on the host before the loop, and an exact tie at a chunk's k-th place is only flagged
+on the device; one check after the loop reruns the call with the tie resolution of the CPU path in
+the rare case that a flag is set. bf16/fp16 storage is scored by a GEMM in that dtype with fp32
+accumulation and fp32 output: no widened copy of the corpus is made per query.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 DEFAULT_MAX_SCORE_ELEMENTS = 1 << 24  # 64 MiB of fp32 scores per chunk
 # Rows of a reduced-precision matrix widened to fp32 at once (CPU: stays in the last-level cache).
 DEFAULT_UPCAST_ROWS = {"cpu": 32_768, "cuda": 1 << 20}
+_REDUCED = (torch.bfloat16, torch.float16)
+# torch >= 2.8: mm(a, b, out_dtype=float32) multiplies bf16/fp16 operands with fp32 accumulation and
+# writes fp32 (cuBLAS; no CPU kernel). Older torch widens slices instead (DEFAULT_UPCAST_ROWS).
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 
 def exact_topk(
@@ -32,12 +43,15 @@ def exact_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k rows of `matrix` for each query by inner product.
 
-    queries [B, D] (any float dtype; scored in fp32), matrix [N, D] fp32 / bf16 / fp16 (bf16 and fp16
-    rows are widened to fp32 before the product: reduced-precision storage, fp32 arithmetic).
+    queries [B, D] (any float dtype; scored in fp32), matrix [N, D] fp32 / bf16 / fp16. Reduced-
+    precision rows are scored against the fp32 query with fp32 accumulation and fp32 scores: on CPU
+    by widening a cache-sized slice at a time, on cuda by a GEMM in the storage dtype against the
+    query split into two terms (hi + lo, ~16 significant bits), so both devices agree to ~1e-6.
     masked_rows [M] int64: rows never returned (deleted). exclude: (query index [E], row [E]) pairs
-    never returned for that query. tie_ids [N] int64: equal scores rank by ascending tie id (default:
-    the row index). fused_gemv: for a single query on CPU, use a torch.compile'd kernel that reads
-    each row once and accumulates in fp32 registers (see `fused_gemv_kernel`).
+    never returned for that query. Pass both on the host (CPU tensors) to spare the device a copy
+    back: they are split by chunk on the host. tie_ids [N] int64: equal scores rank by ascending tie
+    id (default: the row index). fused_gemv: for a single query on CPU, use a torch.compile'd kernel
+    that reads each row once and accumulates in fp32 registers (see `fused_gemv_kernel`).
     Returns (scores [B, K] fp32 descending, rows [B, K] int64) with K = min(k, N); where fewer than K
     rows are eligible the tail is padded with score -inf and row -1.
     """
@@ -45,6 +59,32 @@ def exact_topk(
         raise ValueError(f"shapes {tuple(queries.shape)} @ {tuple(matrix.shape)}ᵀ do not match")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    on_device = matrix.device.type != "cpu"
+    return _exact_topk(
+        queries, matrix, k, masked_rows, exclude, tie_ids, max_score_elements, upcast_rows, fused_gemv,
+        gemm=on_device and matrix.dtype in _REDUCED and _MM_OUT_DTYPE, defer_ties=on_device,
+    )  # fmt: skip
+
+
+def _exact_topk(
+    queries: torch.Tensor,
+    matrix: torch.Tensor,
+    k: int,
+    masked_rows: torch.Tensor | None,
+    exclude: tuple[torch.Tensor, torch.Tensor] | None,
+    tie_ids: torch.Tensor | None,
+    max_score_elements: int,
+    upcast_rows: int | None,
+    fused_gemv: bool,
+    *,
+    gemm: bool,
+    defer_ties: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """exact_topk with the device strategy explicit (tests force the cuda one on CPU).
+
+    gemm: score reduced-precision rows with `_split_product` (fp32-output GEMM) instead of widening.
+    defer_ties: flag ties at a chunk's cut on the device and rerun once after the loop if any was
+    flagged, instead of resolving them inside the loop (which reads the flags on the host)."""
     device = matrix.device
     batch, n = queries.shape[0], matrix.shape[0]
     kk = min(k, n)
@@ -57,23 +97,90 @@ def exact_topk(
     chunk = max(kk, min(n, max_score_elements // batch))
     upcast = upcast_rows or DEFAULT_UPCAST_ROWS.get(device.type, 1 << 20)
     fused = fused_gemv and batch == 1 and device.type == "cpu"
-    for start in range(0, n, chunk):
+    split = _split_query(q, matrix.dtype) if gemm and matrix.dtype in _REDUCED else None
+    deleted = _ChunkMasks.of_rows(masked_rows, n, chunk, device)
+    excluded = _ChunkMasks.of_pairs(exclude, n, chunk, device)
+    tied = torch.zeros(batch, dtype=torch.bool, device=device) if defer_ties else None
+    for i, start in enumerate(range(0, n, chunk)):
         end = min(n, start + chunk)
         block = matrix[start:end]
-        scores = fused_gemv_kernel()(q[0], block)[None] if fused else _scores(q, block, upcast)  # [B, c]
-        if masked_rows is not None and masked_rows.numel():  # deletes are few: index, not a [B, c] mask
-            inside = masked_rows[(masked_rows >= start) & (masked_rows < end)]
-            scores.index_fill_(1, inside - start, float("-inf"))
-        if exclude is not None:
-            qi, rows = exclude
-            inside = (rows >= start) & (rows < end)
-            scores[qi[inside], rows[inside] - start] = float("-inf")
-        cs, cr = _chunk_topk(scores, min(kk, end - start), ties[start:end])
-        cand_s = torch.cat([best_s, cs], dim=1)
-        cand_r = torch.cat([best_r, cr + start], dim=1)
+        if fused:
+            scores = fused_gemv_kernel()(q[0], block)[None]  # [1, c]
+        elif split is not None:
+            scores = _split_product(split, block)  # [B, c]
+        else:
+            scores = _scores(q, block, upcast)  # [B, c]
+        deleted.fill(scores, i, start)
+        excluded.fill(scores, i, start)
+        cs, cr, chunk_tied = _chunk_topk(
+            scores, min(kk, end - start), ties[start:end], resolve=not defer_ties
+        )
+        if tied is not None and chunk_tied is not None:
+            tied |= chunk_tied
+        if best_s.shape[1]:
+            cand_s, cand_r = torch.cat([best_s, cs], dim=1), torch.cat([best_r, cr + start], dim=1)
+        else:
+            cand_s, cand_r = cs, cr + start
         best_s, best_r = lex_top(cand_s, cand_r, ties[cand_r], kk)
+    # The one host synchronisation on a device: a tie at some chunk's cut (rare with real data) means
+    # torch.topk may have kept the wrong one of several equal scores; redo the call resolving them.
+    if tied is not None and bool(tied.any()):
+        return _exact_topk(
+            queries, matrix, k, masked_rows, exclude, tie_ids, max_score_elements, upcast_rows, fused_gemv,
+            gemm=gemm, defer_ties=False,
+        )  # fmt: skip
     best_r = best_r.masked_fill(best_s == float("-inf"), -1)
     return best_s, best_r
+
+
+@dataclass(frozen=True)
+class _ChunkMasks:
+    """(query, row) cells to set to -inf, sorted by row and cut by chunk on the host, so that the
+    chunk loop slices them with host integers (no device read, no data-dependent shapes).
+
+    queries [P] (None: every query), rows [P], both on the matrix's device; bounds[i]:bounds[i+1]
+    are the entries of chunk i."""
+
+    queries: torch.Tensor | None
+    rows: torch.Tensor | None
+    bounds: list[int]
+
+    @classmethod
+    def of_rows(cls, rows: torch.Tensor | None, n: int, chunk: int, device: torch.device) -> _ChunkMasks:
+        if rows is None or rows.numel() == 0:
+            return cls(None, None, [])
+        sorted_rows = rows.cpu().flatten().sort().values
+        return cls(None, sorted_rows.to(device), _bounds(sorted_rows, n, chunk))
+
+    @classmethod
+    def of_pairs(
+        cls, pairs: tuple[torch.Tensor, torch.Tensor] | None, n: int, chunk: int, device: torch.device
+    ) -> _ChunkMasks:
+        if pairs is None or pairs[1].numel() == 0:
+            return cls(None, None, [])
+        qi, rows = pairs[0].cpu().flatten(), pairs[1].cpu().flatten()
+        sorted_rows, order = rows.sort()
+        return cls(qi[order].to(device), sorted_rows.to(device), _bounds(sorted_rows, n, chunk))
+
+    def fill(self, scores: torch.Tensor, chunk_index: int, start: int) -> None:
+        """Set this chunk's cells of scores [B, c] (contiguous, rows chunk-local) to -inf."""
+        if self.rows is None:
+            return
+        lo, hi = self.bounds[chunk_index], self.bounds[chunk_index + 1]
+        if lo == hi:
+            return
+        cols = self.rows[lo:hi] - start
+        if self.queries is None:  # deleted rows: every query
+            scores.index_fill_(1, cols, float("-inf"))
+        else:
+            scores.view(-1).index_fill_(0, self.queries[lo:hi] * scores.shape[1] + cols, float("-inf"))
+
+
+def _bounds(sorted_rows: torch.Tensor, n: int, chunk: int) -> list[int]:
+    """Index of the first entry of each chunk [start, start + chunk) in sorted_rows (host), then the
+    end of the last chunk; rows outside [0, n) fall in no chunk and are ignored."""
+    edges = torch.tensor([*range(0, n, chunk), n], dtype=sorted_rows.dtype)
+    return torch.searchsorted(sorted_rows, edges).tolist()
 
 
 _SHORT_BATCH = 4  # up to here, the product is computed as (rows @ qᵀ)ᵀ (see _product)
@@ -85,9 +192,10 @@ def _product(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     Why not always q @ rowsᵀ: on CPU, torch routes a short q (B = 1..4) against a tall matrix to
     slow paths (1M x 128: B=1 73 ms, B=3 204 ms), while rows @ qᵀ with B >= 2 runs as a proper GEMM
     (B=2 16 ms, B=3 21 ms). A zero row pads B=1 to 2 for the same reason. Past a few queries
-    q @ rowsᵀ is the faster one again (and its output needs no transpose copy)."""
+    q @ rowsᵀ is the faster one again (and its output needs no transpose copy). On cuda, cuBLAS
+    handles short batches itself: q @ rowsᵀ always."""
     b = q.shape[0]
-    if b > _SHORT_BATCH:
+    if b > _SHORT_BATCH or rows.device.type != "cpu":
         return q @ rows.T
     padded = torch.cat([q, torch.zeros_like(q)]) if b == 1 else q
     return (rows @ padded.T).T[:b].contiguous()
@@ -109,24 +217,59 @@ def _scores(q: torch.Tensor, block: torch.Tensor, upcast_rows: int) -> torch.Ten
     return out
 
 
-def _chunk_topk(scores: torch.Tensor, kc: int, ties: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-kc of each row of scores [B, c] by (score desc, tie asc); rows are chunk-local."""
-    # One place more than needed: when the (kc+1)-th score equals the kc-th, the cut falls inside a
-    # run of equal scores and torch.topk chose arbitrarily among them; redo that query with every
-    # tied row so the smallest tie ids win. Rare with real data, and the check costs nothing.
+def _split_query(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q [B, D] fp32 -> [2B, D] in `dtype`: the rounded query, then what rounding lost.
+
+    Why: a GEMM in bf16 needs a bf16 query, and bf16 keeps 8 significant bits, so rounding the query
+    would add an error as large as the corpus's own rounding (recall drops, and cuda and CPU scores
+    would differ by ~1e-3). hi + lo carries ~16 bits; each product of bf16 values is exact in fp32,
+    so the scores match the widened-fp32 CPU path to ~1e-6 for the price of 2B query rows."""
+    hi = q.to(dtype)
+    lo = (q - hi.float()).to(dtype)
+    return torch.cat([hi, lo])
+
+
+def _split_product(split: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """split [2B, D] (hi rows, then lo rows) @ block [c, D]ᵀ in block's dtype -> [B, c] fp32."""
+    b = split.shape[0] // 2
+    both = _mm_fp32(split, block.T)  # [2B, c] fp32
+    return both[:b].add_(both[b:])  # the first B rows of a row-major [2B, c]: contiguous
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b [K, N], both bf16 (or both fp16), fp32 accumulation and fp32 output.
+
+    cuda: one cuBLAS GEMM reading b in its own dtype. CPU has no such kernel: widening both gives the
+    same numbers (products of bf16 values are exact in fp32); only tests take this branch."""
+    if a.device.type == "cpu":
+        return a.float() @ b.float()
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def _chunk_topk(
+    scores: torch.Tensor, kc: int, ties: torch.Tensor, *, resolve: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Top-kc of each row of scores [B, c] by (score desc, tie asc); rows are chunk-local.
+
+    One place more than needed is selected: when the (kc+1)-th score equals the kc-th, the cut falls
+    inside a run of equal scores and torch.topk chose arbitrarily among them. resolve=True redoes such
+    a query with every tied row so the smallest tie ids win (reads the flags on the host). Returns
+    (scores [B, kc], rows [B, kc], tied [B] bool or None), tied flagging the queries cut in a tie;
+    with resolve=False the caller must handle them. Rare with real data, and the check costs nothing.
+    """
     extra = min(kc + 1, scores.shape[1])
     values, rows = torch.topk(scores, extra, dim=1, sorted=True)
     kth = values[:, kc - 1 : kc]  # [B, 1]
-    if extra > kc:
-        ambiguous = (values[:, kc] == kth[:, 0]) & torch.isfinite(kth[:, 0])
-        values, rows = values[:, :kc], rows[:, :kc]
-    else:
-        ambiguous = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
-    for b in ambiguous.nonzero().flatten().tolist():
-        cand = (scores[b] >= kth[b]).nonzero().flatten()
-        s, r = lex_top(scores[b, cand][None], cand[None], ties[cand][None], kc)
-        values[b], rows[b] = s[0], r[0]
-    return values, rows
+    if extra == kc:  # the whole chunk was taken: no cut, no tie
+        return values, rows, None
+    tied = (values[:, kc] == kth[:, 0]) & torch.isfinite(kth[:, 0])
+    values, rows = values[:, :kc], rows[:, :kc]
+    if resolve:
+        for b in tied.nonzero().flatten().tolist():
+            cand = (scores[b] >= kth[b]).nonzero().flatten()
+            s, r = lex_top(scores[b, cand][None], cand[None], ties[cand][None], kc)
+            values[b], rows[b] = s[0], r[0]
+    return values, rows, tied
 
 
 def lex_top(
