@@ -15,7 +15,12 @@ class NotReady(ServiceError):
     """The service cannot answer yet or a dependency is away (UNAVAILABLE)."""
 
 
-class ModelMismatch(ServiceError):
+class PreconditionFailed(ServiceError):
+    """The system is not in the state the operation needs, e.g. a model not loaded, a rollout
+    already running, model control without a state file (FAILED_PRECONDITION)."""
+
+
+class ModelMismatch(PreconditionFailed):
     """Embeddings of two different model fingerprints were combined (FAILED_PRECONDITION)."""
 
 

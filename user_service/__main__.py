@@ -72,6 +72,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=e("USER_SERVICE_TORCH_THREADS"),
         help="torch intra-op threads (default: torch's choice)",
     )
+    p.add_argument(
+        "--state-file",
+        default=e("USER_SERVICE_STATE_FILE"),
+        help="JSON record of the models held and the default one (model control / rollouts need it; a "
+        "restart comes back on the recorded models) (env USER_SERVICE_STATE_FILE)",
+    )
+    p.add_argument(
+        "--max-models",
+        type=int,
+        default=e("USER_SERVICE_MAX_MODELS", "2"),
+        help="models held at once, two during a rollout (env USER_SERVICE_MAX_MODELS)",
+    )
     add_server_flags(p, "USER_SERVICE", default_port=50052)
     args = p.parse_args(argv)
     if not args.checkpoint:
@@ -91,6 +103,8 @@ def config_from_args(args: argparse.Namespace) -> UserServiceConfig:
         max_history_events=args.max_history_events,
         torch_threads=args.torch_threads,
         port_file=args.port_file,
+        state_file=Path(args.state_file) if args.state_file else None,
+        max_models=args.max_models,
         server=server_options_from_args(args),
     )
 

@@ -29,6 +29,10 @@ class UserServiceConfig:
     max_history_events: int = DEFAULT_MAX_HISTORY_EVENTS  # per user; more is INVALID_ARGUMENT
     torch_threads: int | None = None  # torch intra-op threads; None = torch's default
     port_file: Path | None = None  # the bound port is written here once listening
+    # Model control (rollouts): the default model and the models held are recorded here, so that a
+    # restart comes back on the rolled-out model. None: model control is refused.
+    state_file: Path | None = None
+    max_models: int = 2  # models held at once (two during a rollout)
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:
@@ -36,7 +40,7 @@ class UserServiceConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_batch_size", "max_queue", "max_users_per_call", "max_history_events"):
+        for name in ("max_batch_size", "max_queue", "max_users_per_call", "max_history_events", "max_models"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import torch
@@ -14,6 +16,7 @@ from shared.server.lifecycle import run_until_signal
 from twotower.v1 import user_tower_pb2, user_tower_pb2_grpc
 from user_service.config import UserServiceConfig
 from user_service.encoder import UserEncoder, load_encoder
+from user_service.models import ModelControl, ModelRegistry
 from user_service.service import EncodingService
 from user_service.servicer import UserTowerServicer
 
@@ -36,13 +39,15 @@ class UserServer:
     def __init__(self, config: UserServiceConfig, load_encoder: EncoderFactory = default_encoder_factory):
         self.config = config
         self._load_encoder = load_encoder
+        self.models = ModelRegistry(config.max_models, config.state_file)
         self.service = EncodingService(
             max_batch_size=config.max_batch_size,
             max_wait_s=config.max_wait_ms / 1000.0,
             max_queue=config.max_queue,
             max_users_per_call=config.max_users_per_call,
+            models=self.models,
         )
-        servicer = UserTowerServicer(self.service)
+        servicer = UserTowerServicer(self.service, ModelControl(self.models, self._load_warm))
         self.server, self.port, self.health = create_grpc_server(
             config.server,
             [SERVICE_NAME],
@@ -56,14 +61,18 @@ class UserServer:
         self.service.start()
         await self.server.start()
 
+    def _load_warm(self, checkpoint: str) -> UserEncoder:
+        """Load one checkpoint and run the warm-up (blocking: called on a worker thread)."""
+        encoder = self._load_encoder(dataclasses.replace(self.config, checkpoint=Path(checkpoint)))
+        encoder.warm_up(sorted({1, self.config.max_batch_size}))
+        return encoder
+
     async def load(self) -> None:
-        """Load the checkpoint and run the warm-up off the event loop, then report SERVING."""
-        encoder = await asyncio.to_thread(self._load_encoder, self.config)
-        sizes = sorted({1, self.config.max_batch_size})
-        await asyncio.to_thread(encoder.warm_up, sizes)
-        self.service.set_encoder(encoder)
+        """Load the model(s) (--checkpoint, or what the state file records) and warm them up off the
+        event loop, then report SERVING."""
+        await asyncio.to_thread(self.models.start, str(self.config.checkpoint), self._load_warm)
         await self.health.set_serving(True)
-        logger.info("user tower ready on port %d (warm-up batch sizes %s)", self.port, sizes)
+        logger.info("user tower ready on port %d, default model %s", self.port, self.models.identities()[1])
 
     async def stop(self, grace_seconds: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight ones finish (the batcher keeps running until the

@@ -20,21 +20,25 @@ from typing import Any
 import torch
 
 from shared.batching import BatchStats, MicroBatcher
-from shared.errors import InvalidInput, NotReady, Overloaded
+from shared.errors import InvalidInput, Overloaded
 from shared.model.features import UserContext
 from user_service import metrics
 from user_service.encoder import ModelIdentity, UserEncoder
+from user_service.models import ModelRegistry
+
+_Job = tuple[UserEncoder, UserContext]  # the model to run and one user
 
 logger = logging.getLogger(__name__)
 
 
 class EncodingService:
     def __init__(
-        self, *, max_batch_size: int, max_wait_s: float, max_queue: int, max_users_per_call: int
-    ) -> None:
+        self, *, max_batch_size: int, max_wait_s: float, max_queue: int, max_users_per_call: int,
+        models: ModelRegistry | None = None,
+    ) -> None:  # fmt: skip
         self.max_users_per_call = max_users_per_call
-        self._encoder: UserEncoder | None = None
-        self._batcher: MicroBatcher[UserContext, torch.Tensor] = MicroBatcher(
+        self.models = models if models is not None else ModelRegistry()
+        self._batcher: MicroBatcher[_Job, torch.Tensor] = MicroBatcher(
             self._process, max_batch_size=max_batch_size, max_wait_s=max_wait_s, max_queue=max_queue,
             on_batch=metrics.observe_batch, name="user-tower",
         )  # fmt: skip
@@ -47,14 +51,13 @@ class EncodingService:
         await self._batcher.stop()
 
     def set_encoder(self, encoder: UserEncoder) -> None:
-        """Make the service ready (after the encoder's warm-up)."""
-        self._encoder = encoder
+        """Make the service ready with this one model (after the encoder's warm-up)."""
+        self.models.set_only(encoder)
 
     @property
     def encoder(self) -> UserEncoder:
-        if self._encoder is None:
-            raise NotReady("user tower is still loading; retry shortly")
-        return self._encoder
+        """The default model (NotReady while loading)."""
+        return self.models.default
 
     @property
     def stats(self) -> BatchStats:
@@ -73,12 +76,13 @@ class EncodingService:
             raise InvalidInput(f"{n} users in one call; the limit is {self.max_users_per_call}")
 
     async def encode(
-        self, contexts: Sequence[UserContext], deadline: float | None = None
+        self, contexts: Sequence[UserContext], deadline: float | None = None, fingerprint: str = ""
     ) -> tuple[torch.Tensor, ModelIdentity]:
-        """Validated contexts -> ([n, D] embeddings, the model that made them).
+        """Validated contexts -> ([n, D] embeddings, the model that made them): the model of this
+        fingerprint (ModelMismatch when not held), or the default model.
 
         `deadline` is in `loop.time()` seconds: a user still queued then is dropped, not computed."""
-        encoder = self.encoder
+        encoder = self.models.get(fingerprint)
         self.check_call_size(len(contexts))
         if self._batcher.queued + len(contexts) > self._batcher.max_queue:
             raise Overloaded(
@@ -87,9 +91,9 @@ class EncodingService:
             )
         metrics.USERS.inc(len(contexts))
         if len(contexts) == 1:  # the common case: no extra task
-            rows = [await self._batcher.submit(contexts[0], deadline)]
+            rows = [await self._batcher.submit((encoder, contexts[0]), deadline)]
         else:
-            rows = await self._gather([self._batcher.submit(c, deadline) for c in contexts])
+            rows = await self._gather([self._batcher.submit((encoder, c), deadline) for c in contexts])
         return torch.stack(rows), encoder.identity  # [n, D]
 
     @staticmethod
@@ -102,6 +106,15 @@ class EncodingService:
                 task.cancel()
             raise
 
-    def _process(self, contexts: list[UserContext]) -> list[torch.Tensor]:
-        """The batch function (worker thread): B contexts -> B rows of [D]."""
-        return list(self.encoder.encode(contexts).unbind(0))
+    def _process(self, jobs: list[_Job]) -> list[torch.Tensor]:
+        """The batch function (worker thread): B users -> B rows of [D], one forward pass per model
+        (two models only during a rollout)."""
+        encoders = {id(encoder): encoder for encoder, _ in jobs}
+        if len(encoders) == 1:
+            return list(jobs[0][0].encode([ctx for _, ctx in jobs]).unbind(0))
+        rows: list[torch.Tensor | None] = [None] * len(jobs)
+        for key, encoder in encoders.items():
+            idx = [i for i, (e, _) in enumerate(jobs) if id(e) == key]
+            for i, row in zip(idx, encoder.encode([jobs[i][1] for i in idx]).unbind(0), strict=True):
+                rows[i] = row
+        return rows  # type: ignore[return-value]

@@ -11,12 +11,40 @@ from shared.convert import user_batch_from_proto, user_context_from_proto
 from shared.errors import InvalidInput
 from shared.model.features import UserContext, validate_user
 from twotower.v1 import common_pb2, user_tower_pb2, user_tower_pb2_grpc
+from user_service.models import ModelControl
 from user_service.service import EncodingService
+
+_Models = user_tower_pb2.ModelsStatus
 
 
 class UserTowerServicer(user_tower_pb2_grpc.UserTowerServicer):
-    def __init__(self, service: EncodingService) -> None:
+    def __init__(self, service: EncodingService, control: ModelControl) -> None:
         self._service = service
+        self._control = control
+
+    # ---- model control (rollouts) --------------------------------------------------------------
+    async def LoadModel(self, request: user_tower_pb2.LoadModelRequest, context) -> _Models:
+        await self._control.load(request.checkpoint)
+        return self._models_status()
+
+    async def SetDefaultModel(self, request: user_tower_pb2.ModelRef, context) -> user_tower_pb2.ModelsStatus:
+        await self._control.set_default(request.fingerprint)
+        return self._models_status()
+
+    async def UnloadModel(self, request: user_tower_pb2.ModelRef, context) -> user_tower_pb2.ModelsStatus:
+        await self._control.unload(request.fingerprint)
+        return self._models_status()
+
+    async def GetModels(self, request: user_tower_pb2.GetModelsRequest, context) -> _Models:
+        return self._models_status()
+
+    def _models_status(self) -> user_tower_pb2.ModelsStatus:
+        identities, default = self._service.models.identities()
+        return user_tower_pb2.ModelsStatus(
+            models=[common_pb2.ModelInfo(fingerprint=m.fingerprint, embedding_dim=m.embedding_dim)
+                    for m in identities],
+            default_fingerprint=default,
+        )  # fmt: skip
 
     async def EncodeUsers(
         self, request: user_tower_pb2.EncodeUsersRequest, context: grpc.aio.ServicerContext
@@ -24,7 +52,7 @@ class UserTowerServicer(user_tower_pb2_grpc.UserTowerServicer):
         contexts = self._contexts(request)
         remaining = context.time_remaining()  # seconds, None without a client deadline
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-        embeddings, model = await self._service.encode(contexts, deadline)
+        embeddings, model = await self._service.encode(contexts, deadline, request.model_fingerprint)
         # fp32 servers answer DTYPE_FLOAT32, bf16 servers DTYPE_BFLOAT16 (the codec picks from the tensor).
         return user_tower_pb2.EncodeUsersResponse(
             embeddings=codec.encode(embeddings),
@@ -39,7 +67,8 @@ class UserTowerServicer(user_tower_pb2_grpc.UserTowerServicer):
         shape = list(batch.user_ids.shape) if batch is not None else [len(request.users)]
         if len(shape) == 1:  # the call's size before any per-user work (a bad shape fails decoding)
             self._service.check_call_size(shape[0])
-        encoder = self._service.encoder  # NotReady (UNAVAILABLE) while loading
+        # NotReady (UNAVAILABLE) while loading, ModelMismatch (FAILED_PRECONDITION) for a model not held
+        encoder = self._service.models.get(request.model_fingerprint)
         cfg, limit = encoder.config, encoder.max_history_events
         if batch is not None:
             contexts = user_batch_from_proto(batch, cfg.num_actions, limit)

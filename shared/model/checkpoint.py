@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from shared.atomic_file import atomic_write
 from shared.errors import CheckpointError
 from shared.model.config import TowerConfig
 from shared.model.towers import TwoTowerModel
@@ -52,23 +51,9 @@ def save_checkpoint(model: TwoTowerModel, directory: str | Path) -> str:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     fingerprint = fingerprint_of(model.config, state)
     meta = {"format": FORMAT, "fingerprint": fingerprint, "config": model.config.to_dict()}
-    _atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(state, path, metadata={"format": FORMAT}))
-    _atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(meta, indent=2)))
+    atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(state, path, metadata={"format": FORMAT}))
+    atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(meta, indent=2)))
     return fingerprint
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600: services running as another user must read it
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_checkpoint(directory: str | Path) -> LoadedModel:
