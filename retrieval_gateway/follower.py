@@ -21,6 +21,7 @@ import torch
 from retrieval_gateway import metrics
 from retrieval_gateway.index import CorpusGap, CorpusIndex
 from shared import codec
+from shared.corpus_rows import AttributeColumn, AttributeColumnBuilder, Delta
 from shared.errors import InvalidInput
 from shared.tls import ClientTLS, aio_channel
 from twotower.v1 import candidate_tower_pb2, candidate_tower_pb2_grpc, common_pb2
@@ -32,21 +33,26 @@ _INT64 = (common_pb2.DTYPE_INT64,)
 
 
 class SnapshotAssembler:
-    """Collects the chunks of one snapshot into preallocated buffers."""
+    """Collects the chunks of one snapshot into preallocated buffers, in the form the index keeps:
+    embeddings staged in the index's dtype (a bf16 index never holds an fp32 copy of the corpus) and
+    attributes encoded chunk by chunk (never one Python dict per item)."""
 
-    def __init__(self, first: candidate_tower_pb2.SnapshotChunk, max_items: int) -> None:
+    def __init__(
+        self, first: candidate_tower_pb2.SnapshotChunk, max_items: int, dtype: torch.dtype = torch.float32
+    ) -> None:
         if first.chunk_index != 0 or first.num_chunks < 1:
             raise CorpusGap(f"snapshot starts at chunk {first.chunk_index} of {first.num_chunks}")
         if first.total_items > max_items:
             raise CorpusGap(f"snapshot of {first.total_items} items exceeds max_corpus_items={max_items}")
         self.head = first
         self.total = first.total_items
+        self.dtype = dtype
         self.filled = 0
         self.next_chunk = 0
         self.post_ids = np.zeros(self.total, np.int64)
         self.author_ids = np.zeros(self.total, np.int64)
-        self.attributes: list[dict[str, str]] = []
-        self.embeddings: torch.Tensor | None = None  # [total, D], allocated from the first rows
+        self._attributes = AttributeColumnBuilder()
+        self.embeddings: torch.Tensor | None = None  # [total, D] in `dtype`, allocated from the first rows
 
     def add(self, chunk: candidate_tower_pb2.SnapshotChunk) -> bool:
         """Add the next chunk; True when the snapshot is complete."""
@@ -65,12 +71,12 @@ class SnapshotAssembler:
         if len(chunk.attributes) != n or self.filled + n > self.total:
             raise CorpusGap(f"snapshot chunk {chunk.chunk_index}: {n} rows do not fit the announced total")
         if self.embeddings is None:
-            self.embeddings = torch.empty(self.total, emb.shape[1], dtype=emb.dtype)
+            self.embeddings = torch.empty(self.total, emb.shape[1], dtype=self.dtype)
         elif emb.shape[1] != self.embeddings.shape[1]:
             raise CorpusGap(f"snapshot chunk {chunk.chunk_index}: width {emb.shape[1]} changed")
         sl = slice(self.filled, self.filled + n)
-        self.post_ids[sl], self.author_ids[sl], self.embeddings[sl] = posts, authors, emb.to(self.embeddings)
-        self.attributes.extend(dict(a.attributes) for a in chunk.attributes)
+        self.post_ids[sl], self.author_ids[sl], self.embeddings[sl] = posts, authors, emb.to(self.dtype)
+        self._attributes.extend(dict(a.attributes) if a.attributes else None for a in chunk.attributes)
         self.filled += n
         self.next_chunk += 1
         if self.next_chunk == h.num_chunks:
@@ -79,22 +85,29 @@ class SnapshotAssembler:
             return True
         return False
 
+    def attributes(self) -> AttributeColumn:
+        """The encoded attributes of the complete snapshot (once: the builder lets go of them)."""
+        return self._attributes.finish()
 
-def _delta_rows(delta: candidate_tower_pb2.CorpusDelta, dim: int):
-    """Decoded upserts and deletes; unset tensors (a delete-only or upsert-only delta) are empty."""
+
+def _delta_rows(delta: candidate_tower_pb2.CorpusDelta, dim: int) -> Delta:
+    """The wire delta as the shared Delta type, embeddings widened to float32; unset tensors (a
+    delete-only or upsert-only delta) are empty. Shape and finiteness are checked here; versions and
+    ids by CorpusRows.check when it is applied."""
     empty = np.empty(0, np.int64)
     posts = authors = empty
-    emb = torch.empty(0, dim)
+    emb = np.empty((0, dim), np.float32)
     if delta.HasField("upsert_post_ids"):
         posts = codec.decode_numpy(delta.upsert_post_ids, "delta.upsert_post_ids", _INT64, shape=(None,))
         n = posts.shape[0]
         authors = codec.decode_numpy(delta.upsert_author_ids, "delta.upsert_author_ids", _INT64, shape=(n,))
-        emb = codec.decode_torch(delta.upsert_embeddings, "delta.upsert_embeddings", _FLOATS, shape=(n, dim))
+        emb = codec.decode_numpy(delta.upsert_embeddings, "delta.upsert_embeddings", _FLOATS, shape=(n, dim))
+        emb = emb.astype(np.float32, copy=False)
     deleted = empty
     if delta.HasField("deleted_post_ids"):
         deleted = codec.decode_numpy(delta.deleted_post_ids, "delta.deleted_post_ids", _INT64, shape=(None,))
     attrs = [dict(a.attributes) for a in delta.upsert_attributes]
-    return posts, authors, emb, attrs, deleted
+    return Delta(delta.version, delta.fingerprint, posts, authors, emb, attrs, deleted)
 
 
 class CorpusFollower:
@@ -209,7 +222,7 @@ class CorpusFollower:
         if kind == "snapshot_chunk":
             chunk = event.snapshot_chunk
             if chunk.chunk_index == 0:
-                self._assembler = SnapshotAssembler(chunk, self._max_items)
+                self._assembler = SnapshotAssembler(chunk, self._max_items, self.index.dtype)
             elif self._assembler is None:
                 raise CorpusGap(f"snapshot chunk {chunk.chunk_index} without chunk 0")
             a = self._assembler
@@ -219,8 +232,9 @@ class CorpusFollower:
                 self._assembler = None
                 h = a.head
                 emb = a.embeddings if a.embeddings is not None else torch.empty(0, _dim_of(chunk))
-                args = (h.version, h.fingerprint, a.post_ids, a.author_ids, emb, a.attributes)
-                await asyncio.to_thread(self.index.load_snapshot, *args)
+                args = (h.version, h.fingerprint, a.post_ids, a.author_ids, emb, a.attributes())
+                del a  # the index adopts the buffers (copy=False): a snapshot is never held twice
+                await asyncio.to_thread(self.index.load_snapshot, *args, copy=False)
                 metrics.SNAPSHOTS.inc()
                 self._on_change()
         elif kind == "delta":
@@ -238,7 +252,7 @@ class CorpusFollower:
         return False
 
     def _apply_delta(self, delta: candidate_tower_pb2.CorpusDelta, dim: int) -> None:
-        self.index.apply_delta(delta.version, delta.fingerprint, *_delta_rows(delta, dim))
+        self.index.apply_delta(_delta_rows(delta, dim))
 
 
 def _dim_of(chunk: candidate_tower_pb2.SnapshotChunk) -> int:

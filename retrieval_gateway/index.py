@@ -1,11 +1,21 @@
-"""The device-resident corpus: matrix, ids, attributes, deleted rows; upserts, deletes, snapshot
-swaps, and batched exact search. No grpc import.
+"""The device-resident corpus: the matrix (and its tie ids) on the device, and the rows' bookkeeping
+(ids, authors, attributes, id -> row, free rows, version checks) in shared.corpus_rows.CorpusRows;
+deltas, snapshot swaps and batched exact search. No grpc import.
 
 Consistency model: one lock guards the current `_Corpus`. A search batch holds it from the
-fingerprint check to the last id lookup, so a response is computed on exactly one version. Deltas are
-applied in place under the lock (they wait for the batch in flight, a few ms). A new snapshot is
-built aside, without the lock, and swapped in by reference (double buffer): the batch in flight
-finishes on the old corpus, the next one sees the new one.
+fingerprint check to the last attribute lookup, so a response is computed on exactly one version.
+Deltas are applied in place under the lock (they wait for the batch in flight, a few ms). A new
+snapshot is built aside, without the lock, and swapped in by reference (double buffer): the batch in
+flight finishes on the old corpus, the next one sees the new one.
+
+`info()` never takes the lock: after each snapshot swap and delta the index publishes an immutable
+CorpusInfo by replacing one attribute (atomic in Python), so the event loop, the follower and the
+readiness loop never wait for a scoring batch.
+
+Memory: beyond the matrix an item costs CorpusRows' ~44 bytes plus its encoded attributes; on the
+CPU the tie ids are the rows' own post-id column (no copy), on a GPU an int64 copy sits beside the
+matrix. A snapshot's arrays are adopted, not copied, when the caller hands them over (the follower
+stages embeddings in the index's dtype), so a swap holds the old corpus and the new one, no more.
 """
 
 from __future__ import annotations
@@ -19,18 +29,13 @@ import numpy as np
 import torch
 
 from retrieval_gateway.topk import DEFAULT_MAX_SCORE_ELEMENTS, exact_topk
+from shared.corpus_rows import AttributeColumn, CorpusGap, CorpusRows, Delta
 from shared.errors import ModelMismatch, NotReady
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Attributes = Mapping[str, str]
-_EMPTY: Attributes = {}
-
-
-class CorpusGap(Exception):
-    """A delta cannot be applied to the current corpus (version gap, other model, bad rows): the
-    follower must ask for a fresh snapshot."""
 
 
 def model_mismatch(user_fingerprint: str, corpus_fingerprint: str) -> ModelMismatch:
@@ -77,6 +82,8 @@ class SearchResult:
 
 @dataclass(frozen=True)
 class CorpusInfo:
+    """What readers may know about the current corpus without waiting for a search (published)."""
+
     version: int
     fingerprint: str
     size: int  # live items
@@ -84,68 +91,50 @@ class CorpusInfo:
 
 
 class _Corpus:
-    """One corpus state. Rows [0, used) are allocated; deleted rows (`free`, reused by later upserts)
-    are masked out of every search."""
+    """One corpus state: the rows' bookkeeping and the matrix whose row r holds row r's embedding.
+    Rows past `rows.used`, and free rows, are never scored."""
 
-    def __init__(self, version: int, fingerprint: str, dim: int, capacity: int, device, dtype) -> None:
-        self.version = version
-        self.fingerprint = fingerprint
-        self.dim = dim
-        self.matrix = torch.zeros(capacity, dim, dtype=dtype, device=device)  # [cap, D]
-        self.post_ids_dev = torch.zeros(capacity, dtype=torch.long, device=device)  # tie order
-        self.post_ids = np.zeros(capacity, np.int64)
-        self.author_ids = np.zeros(capacity, np.int64)
-        self.attributes: list[Attributes] = [_EMPTY] * capacity
-        self.row_of: dict[int, int] = {}
-        self.free: list[int] = []  # deleted rows, reused before growing
-        self._masked: torch.Tensor | None = None  # `free` on the device, rebuilt after a change
-        self.used = 0
+    def __init__(self, rows: CorpusRows, matrix: torch.Tensor) -> None:
+        self.rows = rows
+        self.matrix = matrix  # [capacity >= rows.used, D] on the device
+        # Ties rank by post id. On the CPU that is the rows' own column (viewed, not copied); a GPU
+        # needs a copy on the device, kept in step with the matrix.
+        self.tie_ids_dev: torch.Tensor | None = None
+        if matrix.device.type != "cpu":
+            self.tie_ids_dev = torch.zeros(matrix.shape[0], dtype=torch.long, device=matrix.device)
+            self.tie_ids_dev[: rows.used] = torch.from_numpy(rows.post_ids).to(matrix.device)
+        self._masked: torch.Tensor | None = None  # free rows on the device, rebuilt after a change
 
-    @property
-    def capacity(self) -> int:
-        return self.matrix.shape[0]
+    def info(self) -> CorpusInfo:
+        r = self.rows
+        return CorpusInfo(r.version, r.fingerprint, r.size, r.dim)
 
-    def grow(self, needed: int) -> None:
-        """Double the capacity until `needed` rows fit (copy: upserts past capacity are rare)."""
-        cap = max(self.capacity, 1)
-        while cap < needed:
-            cap *= 2
-        if cap == self.capacity:
-            return
-        extra = cap - self.capacity
-        self.matrix = torch.cat([self.matrix, self.matrix.new_zeros(extra, self.dim)])
-        self.post_ids_dev = torch.cat([self.post_ids_dev, self.post_ids_dev.new_zeros(extra)])
-        self.post_ids = np.concatenate([self.post_ids, np.zeros(extra, np.int64)])
-        self.author_ids = np.concatenate([self.author_ids, np.zeros(extra, np.int64)])
-        self.attributes.extend([_EMPTY] * extra)
+    def tie_ids(self) -> torch.Tensor:
+        if self.tie_ids_dev is None:
+            return torch.from_numpy(self.rows.post_ids)
+        return self.tie_ids_dev[: self.rows.used]
 
     def masked_rows(self) -> torch.Tensor | None:
-        if self._masked is None and self.free:
-            self._masked = torch.tensor(self.free, dtype=torch.long, device=self.matrix.device)
-        return self._masked if self.free else None
+        if self._masked is None:
+            free = self.rows.free_rows()
+            self._masked = torch.from_numpy(free).to(self.matrix.device)
+        return self._masked if self._masked.numel() else None
 
-    def allocate(self) -> int:
-        if self.free:
-            return self.free.pop()
-        if self.used == self.capacity:
-            self.grow(self.used + 1)
-        self.used += 1
-        return self.used - 1
+    def reserve(self, needed: int) -> None:
+        """Room for `needed` rows, growing by at least a quarter (copy: growth is rare; a quarter, not
+        double, so that one upsert past a 10M-row snapshot does not cost another matrix)."""
+        cap = self.matrix.shape[0]
+        if needed > cap:
+            cap = max(needed, cap + cap // 4, 16)
+        extra = cap - self.matrix.shape[0]
+        if extra <= 0:
+            return
+        self.matrix = torch.cat([self.matrix, self.matrix.new_zeros(extra, self.matrix.shape[1])])
+        if self.tie_ids_dev is not None:
+            self.tie_ids_dev = torch.cat([self.tie_ids_dev, self.tie_ids_dev.new_zeros(extra)])
 
-
-def _check_rows(
-    post_ids: np.ndarray, author_ids: np.ndarray, embeddings: torch.Tensor, n_attrs: int, dim: int
-):
-    n = post_ids.shape[0]
-    if author_ids.shape != (n,) or embeddings.shape != (n, dim) or n_attrs != n:
-        raise CorpusGap(
-            f"misaligned rows: {n} post ids, {author_ids.shape[0]} author ids, "
-            f"embeddings {tuple(embeddings.shape)} (D={dim}), {n_attrs} attribute maps"
-        )
-    if n and (post_ids <= 0).any():
-        raise CorpusGap("post id <= 0 in corpus rows")
-    if np.unique(post_ids).shape[0] != n:
-        raise CorpusGap("duplicate post ids in corpus rows")
+    def changed(self) -> None:
+        self._masked = None
 
 
 class CorpusIndex:
@@ -165,12 +154,12 @@ class CorpusIndex:
         self.fused_gemv = fused_gemv and self.device.type == "cpu"
         self._lock = threading.Lock()
         self._corpus: _Corpus | None = None
+        self._info: CorpusInfo | None = None  # published after every change, read without the lock
 
     # ---- reading -------------------------------------------------------------------------------
     def info(self) -> CorpusInfo | None:
-        with self._lock:
-            c = self._corpus
-            return None if c is None else CorpusInfo(c.version, c.fingerprint, len(c.row_of), c.dim)
+        """The current corpus's version, fingerprint, size and dim; never waits for a search."""
+        return self._info
 
     def search(self, queries: Sequence[Query]) -> list[SearchResult | Exception]:
         """Score all queries in one [B, D] @ [D, N] pass against one corpus version. A query whose
@@ -179,54 +168,69 @@ class CorpusIndex:
             c = self._corpus
             if c is None:
                 raise NotReady("no corpus yet: waiting for the first snapshot from candidate_service")
-            if not c.row_of:
-                raise NotReady(f"the corpus is empty (version {c.version}): nothing to retrieve")
+            rows = c.rows
+            if not rows.size:
+                raise NotReady(f"the corpus is empty (version {rows.version}): nothing to retrieve")
             results: list[SearchResult | Exception] = [
-                model_mismatch(q.fingerprint, c.fingerprint) for q in queries
+                model_mismatch(q.fingerprint, rows.fingerprint) for q in queries
             ]  # replaced below for every query of the corpus's model
-            todo = [i for i, q in enumerate(queries) if q.fingerprint == c.fingerprint]
+            todo = [i for i, q in enumerate(queries) if q.fingerprint == rows.fingerprint]
             if not todo:
                 return results
             batch = [queries[i] for i in todo]
             emb = torch.stack([q.embedding for q in batch]).to(self.device, torch.float32)  # [B, D]
-            scores, rows = exact_topk(
+            scores, top = exact_topk(
                 emb,
-                c.matrix[: c.used],
+                c.matrix[: rows.used],
                 max(q.k for q in batch),
                 masked_rows=c.masked_rows(),
-                exclude=self._exclusions(c, batch),
-                tie_ids=c.post_ids_dev[: c.used],
+                exclude=self._exclusions(rows, batch),
+                tie_ids=c.tie_ids(),
                 max_score_elements=self.max_score_elements,
                 fused_gemv=self.fused_gemv,
             )
-            scores, rows = scores.cpu().numpy(), rows.cpu().numpy()
+            scores, top = scores.cpu().numpy(), top.cpu().numpy()
+            keeps = []
+            for b, q in enumerate(batch):
+                keep = top[b, : q.k]
+                keeps.append(keep[keep >= 0])
+            hit_rows = np.concatenate(keeps)
+            post_ids, author_ids = rows.post_ids[hit_rows].tolist(), rows.author_ids[hit_rows].tolist()
+            attributes = rows.attributes(hit_rows)  # decoded only for the hits, in one pass
+            at = 0
             for b, i in enumerate(todo):
-                keep = rows[b, : batch[b].k]
-                keep = keep[keep >= 0]
+                n = len(keeps[b])
                 hits = [
-                    Hit(int(c.post_ids[r]), int(c.author_ids[r]), float(s), c.attributes[r])
-                    for r, s in zip(keep.tolist(), scores[b, : keep.shape[0]].tolist(), strict=True)
+                    Hit(post_ids[j], author_ids[j], s, attributes[j])
+                    for j, s in zip(range(at, at + n), scores[b, :n].tolist(), strict=True)
                 ]
-                results[i] = SearchResult(hits, c.version, c.fingerprint)
+                at += n
+                results[i] = SearchResult(hits, rows.version, rows.fingerprint)
             return results
 
-    def _exclusions(self, c: _Corpus, batch: Sequence[Query]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _exclusions(
+        self, rows: CorpusRows, batch: Sequence[Query]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(query index, row) pairs to mask: excluded posts that exist and rows of excluded authors."""
         qi: list[np.ndarray] = []
-        rows: list[np.ndarray] = []
+        found: list[np.ndarray] = []
+        counts = [q.exclude_post_ids.size for q in batch]
+        if any(counts):  # one vectorised lookup for the whole batch
+            by_post = rows.rows_of(np.concatenate([q.exclude_post_ids for q in batch]))
+            owner = np.repeat(np.arange(len(batch)), counts)
+            hit = by_post >= 0
+            qi.append(owner[hit])
+            found.append(by_post[hit])
         for b, q in enumerate(batch):
-            found = [c.row_of[p] for p in q.exclude_post_ids.tolist() if p in c.row_of]
             if q.exclude_author_ids.size:
-                by_author = np.flatnonzero(np.isin(c.author_ids[: c.used], q.exclude_author_ids))
-                found.extend(by_author.tolist())
-            if found:
-                rows.append(np.asarray(found, np.int64))
-                qi.append(np.full(len(found), b, np.int64))
-        if not rows:
+                by_author = np.flatnonzero(np.isin(rows.author_ids, q.exclude_author_ids))
+                qi.append(np.full(by_author.size, b, np.int64))
+                found.append(by_author)
+        if not found or not sum(f.size for f in found):
             return None
         return (
             torch.from_numpy(np.concatenate(qi)).to(self.device),
-            torch.from_numpy(np.concatenate(rows)).to(self.device),
+            torch.from_numpy(np.concatenate(found)).to(self.device),
         )
 
     # ---- writing -------------------------------------------------------------------------------
@@ -237,68 +241,55 @@ class CorpusIndex:
         post_ids: np.ndarray,  # [n] int64
         author_ids: np.ndarray,  # [n] int64
         embeddings: torch.Tensor,  # [n, D] float
-        attributes: Sequence[Attributes],  # n maps
+        attributes: AttributeColumn | Sequence[Attributes],  # n rows
+        *,
+        copy: bool = True,
     ) -> None:
-        """Build a new corpus aside (no lock held) and swap it in atomically."""
-        n = post_ids.shape[0]
+        """Build a new corpus aside (no lock held) and swap it in atomically. copy=False hands the
+        arrays over: the index keeps them as they are when it can (embeddings already in the index's
+        dtype and on its device), so a snapshot is never held twice. Raises CorpusGap for bad rows."""
+        n = post_ids.shape[0] if post_ids.ndim == 1 else -1
         dim = embeddings.shape[1] if embeddings.dim() == 2 else -1
-        _check_rows(post_ids, author_ids, embeddings, len(attributes), dim)
-        c = _Corpus(version, fingerprint, dim, max(n, 1), self.device, self.dtype)
-        c.matrix[:n] = embeddings.to(self.device, self.dtype)
-        c.post_ids_dev[:n] = torch.from_numpy(post_ids).to(self.device)
-        c.post_ids[:n] = post_ids
-        c.author_ids[:n] = author_ids
-        c.attributes[:n] = list(attributes)
-        c.row_of = dict(zip(post_ids.tolist(), range(n), strict=True))
-        c.used = n
+        if embeddings.shape[0] != n or dim < 0:
+            raise CorpusGap(f"misaligned rows: {n} post ids, embeddings {tuple(embeddings.shape)}")
+        rows = CorpusRows.from_columns(version, fingerprint, dim, post_ids, author_ids, attributes, copy=copy)
+        del post_ids, author_ids, attributes  # adopted or copied: the rows own them now
+        matrix = embeddings.to(self.device, self.dtype, copy=copy).contiguous()
+        del embeddings
+        c = _Corpus(rows, matrix)
         if self.fused_gemv and n:  # compile before serving, not on the first request
             try:
-                exact_topk(torch.zeros(1, dim), c.matrix[:n], 1, fused_gemv=True)
+                exact_topk(torch.zeros(1, dim), matrix[:n], 1, fused_gemv=True)
             except Exception:  # no C++ compiler, unsupported platform: the matmul path still works
                 logger.exception("fused gemv kernel unavailable; single queries use torch.mm")
                 self.fused_gemv = False
         with self._lock:
             old, self._corpus = self._corpus, c
+            self._info = c.info()
+        was = "none" if old is None else f"v{old.rows.version}"
+        del old  # freed now, unless a batch in flight still holds it
         logger.info(
             "corpus snapshot v%d (%s): %d items x %d on %s %s (was %s)", version, fingerprint, n, dim,
-            self.device, self.dtype_name, "none" if old is None else f"v{old.version}",
+            self.device, self.dtype_name, was,
         )  # fmt: skip
 
-    def apply_delta(
-        self,
-        version: int,
-        fingerprint: str,
-        upsert_post_ids: np.ndarray,  # [u] int64
-        upsert_author_ids: np.ndarray,  # [u] int64
-        upsert_embeddings: torch.Tensor,  # [u, D]
-        upsert_attributes: Sequence[Attributes],  # u maps
-        deleted_post_ids: np.ndarray,  # [d] int64
-    ) -> None:
-        """Apply one delta (version - 1 -> version) in place: deletes first, then upserts. Raises
-        CorpusGap, changing nothing, when the delta does not continue the current corpus."""
+    def apply_delta(self, delta: Delta) -> None:
+        """Apply one delta (version - 1 -> version) in place, in CorpusRows' order (upserts, then
+        deletes). Raises CorpusGap, changing nothing, when it does not continue the current corpus."""
         with self._lock:
             c = self._corpus
             if c is None:
                 raise CorpusGap("delta before any snapshot")
-            if version != c.version + 1:
-                raise CorpusGap(f"delta to version {version} does not follow corpus version {c.version}")
-            if fingerprint != c.fingerprint:
-                raise CorpusGap(f"delta of model {fingerprint!r} for a corpus of model {c.fingerprint!r}")
-            _check_rows(upsert_post_ids, upsert_author_ids, upsert_embeddings, len(upsert_attributes), c.dim)
-            for pid in deleted_post_ids.tolist():
-                row = c.row_of.pop(pid, None)
-                if row is not None:  # deleting an unknown id is a no-op, as in candidate_service
-                    c.attributes[row] = _EMPTY
-                    c.free.append(row)
-            if upsert_post_ids.size:
-                rows = [c.row_of[p] if p in c.row_of else c.allocate() for p in upsert_post_ids.tolist()]
-                idx = torch.tensor(rows, dtype=torch.long, device=self.device)
-                c.matrix[idx] = upsert_embeddings.to(self.device, self.dtype)
-                c.post_ids_dev[idx] = torch.from_numpy(upsert_post_ids).to(self.device)
-                c.post_ids[rows] = upsert_post_ids
-                c.author_ids[rows] = upsert_author_ids
-                for row, pid, attrs in zip(rows, upsert_post_ids.tolist(), upsert_attributes, strict=True):
-                    c.attributes[row] = attrs
-                    c.row_of[pid] = row
-            c._masked = None
-            c.version = version
+            c.rows.check(delta)
+            c.reserve(c.rows.rows_needed(delta))  # may allocate: before anything changes
+            upsert_emb = torch.tensor(
+                np.asarray(delta.upsert_embeddings), dtype=self.dtype, device=self.device
+            )  # a copy: the delta's array may be read-only
+            written = c.rows.apply(delta)
+            if written.size:
+                idx = torch.from_numpy(written).to(self.device)
+                c.matrix[idx] = upsert_emb
+                if c.tie_ids_dev is not None:
+                    c.tie_ids_dev[idx] = torch.from_numpy(c.rows.post_ids[written]).to(self.device)
+            c.changed()
+            self._info = c.info()

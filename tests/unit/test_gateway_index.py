@@ -1,5 +1,5 @@
 """CorpusIndex: search equals brute force on post ids; deletes, upserts, growth, gaps, mismatches,
-snapshot swaps under concurrent searches."""
+snapshot swaps under concurrent searches; info() never waits for a search."""
 
 import threading
 
@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from retrieval_gateway import index as index_module
 from retrieval_gateway.index import CorpusGap, CorpusIndex, Query
+from shared.corpus_rows import AttributeColumn, Delta
 from shared.errors import ModelMismatch, NotReady
 
 FP = "f" * 16
@@ -45,6 +47,19 @@ def ids(result):
     return [h.post_id for h in result.hits]
 
 
+def delta(version, posts=(), authors=None, emb=None, attrs=None, deleted=(), fp=FP):
+    posts = np.asarray(posts, np.int64)
+    return Delta(
+        version,
+        fp,
+        posts,
+        posts % 5 if authors is None else np.asarray(authors, np.int64),
+        np.zeros((len(posts), D), np.float32) if emb is None else np.asarray(emb, np.float32),
+        [{}] * len(posts) if attrs is None else list(attrs),
+        np.asarray(deleted, np.int64),
+    )
+
+
 def test_search_matches_brute_force_with_metadata():
     index, emb, posts, authors, rng = make()
     queries = unit(rng, 4)
@@ -75,23 +90,13 @@ def test_deltas_delete_upsert_grow_and_reuse_rows():
     index, emb, posts, _authors, rng = make(n=4)
     query = unit(rng, 1)[0]
     gone = int(ids(index.search([q(query, 1)])[0])[0])
-    index.apply_delta(
-        4, FP, np.empty(0, np.int64), np.empty(0, np.int64), torch.empty(0, D), [], np.array([gone, 777])
-    )
+    index.apply_delta(delta(4, deleted=[gone, 777]))
     assert gone not in ids(index.search([q(query, 10)])[0]) and index.info().size == 3
     # Upsert: one replacement (moves to the query's direction), many new rows (capacity grows).
     new_posts = np.array([int(posts[1]), *range(20_001, 20_011)], np.int64)
     new_emb = unit(rng, len(new_posts))
     new_emb[0] = query
-    index.apply_delta(
-        5,
-        FP,
-        new_posts,
-        new_posts % 5,
-        torch.from_numpy(new_emb),
-        [{}] * len(new_posts),
-        np.empty(0, np.int64),
-    )
+    index.apply_delta(delta(5, new_posts, emb=new_emb))
     res = index.search([q(query, 100)])[0]
     assert res.version == 5 and index.info().size == 13 and len(res.hits) == 13
     assert res.hits[0].post_id == int(posts[1]) and res.hits[0].score == pytest.approx(1.0, abs=1e-5)
@@ -104,13 +109,19 @@ def test_deltas_delete_upsert_grow_and_reuse_rows():
 
 def test_gap_or_other_model_raises_and_changes_nothing():
     index, _, posts, _, _rng = make()
-    none = np.empty(0, np.int64)
     for version, fp in ((5, FP), (3, FP), (4, "0" * 16)):
         with pytest.raises(CorpusGap):
-            index.apply_delta(version, fp, none, none, torch.empty(0, D), [], np.array([int(posts[0])]))
+            index.apply_delta(delta(version, deleted=[int(posts[0])], fp=fp))
     assert index.info().version == 3 and index.info().size == 50
     with pytest.raises(CorpusGap, match="duplicate"):
-        index.apply_delta(4, FP, np.array([5, 5]), np.array([0, 0]), torch.zeros(2, D), [{}, {}], none)
+        index.apply_delta(delta(4, [5, 5], deleted=[int(posts[0])]))
+    with pytest.raises(CorpusGap, match="misaligned"):
+        index.apply_delta(delta(4, [5], emb=np.zeros((1, D + 1)), deleted=[int(posts[0])]))
+    assert (
+        index.info().version == 3
+        and index.info().size == 50
+        and int(posts[0]) in ids(index.search([q(np.ones(D, np.float32), 50)])[0])
+    )
 
 
 def test_fingerprint_mismatch_fails_only_that_query():
@@ -128,7 +139,7 @@ def test_no_corpus_and_empty_corpus_are_not_ready():
     index.load_snapshot(1, FP, np.empty(0, np.int64), np.empty(0, np.int64), torch.empty(0, D), [])
     with pytest.raises(NotReady, match="empty"):
         index.search([q(np.ones(D, np.float32), 1)])
-    index.apply_delta(2, FP, np.array([9]), np.array([1]), torch.ones(1, D), [{}], np.empty(0, np.int64))
+    index.apply_delta(delta(2, [9], emb=np.ones((1, D))))
     assert ids(index.search([q(np.ones(D, np.float32), 5)])[0]) == [9]
 
 
@@ -172,6 +183,114 @@ def test_snapshot_swap_under_concurrent_search_never_mixes_versions():
     assert not errors and len(seen) > 1
 
 
+def test_info_does_not_wait_for_a_search_in_flight(monkeypatch):
+    # A scoring batch holds the index lock through the whole matmul + top-k; info() is read on the
+    # event loop, so it must answer while a batch is blocked inside exact_topk.
+    index, _, _, _, rng = make()
+    entered, release = threading.Event(), threading.Event()
+    real = index_module.exact_topk
+
+    def blocked_topk(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(index_module, "exact_topk", blocked_topk)
+    searcher = threading.Thread(target=index.search, args=([q(unit(rng, 1)[0], 5)],), daemon=True)
+    searcher.start()
+    got = []
+    try:
+        assert entered.wait(30)
+        reader = threading.Thread(target=lambda: got.append(index.info()), daemon=True)
+        reader.start()
+        reader.join(10)
+        assert got, "info() waited for the search in flight"
+        assert (got[0].version, got[0].fingerprint, got[0].size, got[0].dim) == (3, FP, 50, D)
+    finally:
+        release.set()
+        searcher.join(30)
+
+
+def test_info_is_published_after_each_change():
+    index = CorpusIndex("cpu")
+    assert index.info() is None
+    index.load_snapshot(7, FP, np.array([1, 2]), np.array([0, 0]), torch.ones(2, D), [{}, {}])
+    first = index.info()
+    assert (first.version, first.size, first.dim) == (7, 2, D)
+    index.apply_delta(delta(8, [3, 4], deleted=[1]))
+    assert (index.info().version, index.info().size) == (8, 3)
+    assert (first.version, first.size) == (7, 2)  # a published view never changes
+
+
+def test_attributes_follow_upserts_replacements_deletes_and_reused_rows():
+    index, _, posts, _, _ = make(n=6)
+    everything = np.ones(D, np.float32)
+    a, b = int(posts[0]), int(posts[1])
+    index.apply_delta(delta(4, deleted=[a, b]))  # two free rows, reused by the next upserts
+    index.apply_delta(delta(5, [500, 501, int(posts[2])], attrs=[{"t": "new"}, {}, {"t": 'é, ü "x"'}]))
+    got = {h.post_id: h.attributes for h in index.search([q(everything, 10)])[0].hits}
+    expected = {int(p): {"title": f"t{p}"} for p in posts[3:]}
+    expected.update({500: {"t": "new"}, 501: {}, int(posts[2]): {"t": 'é, ü "x"'}})
+    assert got == expected
+    index.apply_delta(delta(6, [777], attrs=[{"k": "v"}], deleted=[777, 500]))  # upsert then delete
+    got = {h.post_id: h.attributes for h in index.search([q(everything, 10)])[0].hits}
+    del expected[500]
+    assert got == expected
+
+
+def test_snapshot_arrays_are_copied_unless_handed_over():
+    posts, authors = np.array([1, 2, 3], np.int64), np.array([7, 7, 8], np.int64)
+    emb = torch.eye(3, D)
+    index = CorpusIndex("cpu")
+    index.load_snapshot(1, FP, posts, authors, emb, [{}, {"a": "b"}, {}])
+    index.apply_delta(delta(2, [1], [9], np.full((1, D), 5.0), deleted=[2]))
+    assert posts.tolist() == [1, 2, 3] and authors.tolist() == [7, 7, 8] and emb[0, 0] == 1.0
+    handed = torch.eye(3, D)
+    column = AttributeColumn.encode([{}, {"a": "b"}, {}])
+    index.load_snapshot(3, FP, posts.copy(), authors.copy(), handed, column, copy=False)
+    hits = index.search([q(np.eye(D, dtype=np.float32)[1], 3)])[0].hits
+    assert (hits[0].post_id, hits[0].author_id, hits[0].attributes) == (2, 7, {"a": "b"})
+
+
+def test_random_deltas_match_a_dict_model():
+    # Upserts, replacements, deletes (known, unknown, upserted in the same delta), exclusions by post
+    # and author: every search equals brute force over a plain dict model, attributes included.
+    rng = np.random.default_rng(11)
+    index = CorpusIndex("cpu")
+    model = {}  # post id -> (author, embedding, attributes)
+    start = rng.choice(np.arange(1, 400), 60, replace=False)
+    for p in start.tolist():
+        model[p] = (p % 9, unit(rng, 1)[0], {"title": f"m{p}"} if p % 3 else {})
+    cols = [model[p] for p in start.tolist()]
+    index.load_snapshot(
+        1,
+        FP,
+        start.astype(np.int64),
+        np.array([c[0] for c in cols], np.int64),
+        torch.from_numpy(np.stack([c[1] for c in cols])),
+        [c[2] for c in cols],
+    )
+    for version in range(2, 40):
+        ups = rng.choice(np.arange(1, 400), int(rng.integers(0, 12)), replace=False)
+        dels = rng.choice(np.arange(1, 420), int(rng.integers(0, 12)))
+        emb = unit(rng, len(ups))
+        attrs = [{"v": f"{version}-{p}"} if p % 2 else {} for p in ups.tolist()]
+        index.apply_delta(delta(version, ups, ups % 9, emb, attrs, dels))
+        for p, e, at in zip(ups.tolist(), emb, attrs, strict=True):
+            model[p] = (p % 9, e, at)
+        for p in dels.tolist():
+            model.pop(p, None)
+        ref = np.array(sorted(model), np.int64)
+        ref_emb = np.stack([model[p][1] for p in ref.tolist()])
+        query = unit(rng, 1)[0]
+        banned_posts = rng.choice(np.arange(1, 420), 5).tolist()
+        banned = set(banned_posts) | {p for p in ref.tolist() if model[p][0] == 4}
+        res = index.search([q(query, 30, posts=np.unique(banned_posts), authors=[4])])[0]
+        assert ids(res) == brute(query, ref_emb, ref, 30, banned)
+        assert [(h.author_id, h.attributes) for h in res.hits] == [model[h.post_id][0::2] for h in res.hits]
+        assert index.info().size == len(model) and res.version == version
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_cuda_index_matches_cpu_index(dtype):
@@ -182,8 +301,6 @@ def test_cuda_index_matches_cpu_index(dtype):
     for device in ("cpu", "cuda"):
         index = CorpusIndex(device, dtype)
         index.load_snapshot(1, FP, posts, posts % 5, torch.from_numpy(emb), [{}] * 500)
-        index.apply_delta(
-            2, FP, np.array([7]), np.array([0]), torch.from_numpy(emb[:1]), [{}], np.array([9, 10])
-        )
+        index.apply_delta(delta(2, [7], [0], emb[:1], deleted=[9, 10]))
         results.append([ids(r) for r in index.search(queries)])
     assert results[0] == results[1]
