@@ -29,10 +29,13 @@ from twotower.v1 import retrieval_gateway_pb2
 
 logger = logging.getLogger(__name__)
 
+_SWITCH_RETRIES = 2  # a request restarts at most this often because the corpus changed model under it
+
 
 @dataclass(frozen=True)
 class _UserJob:
     user: UserContext  # parsed and checked by the gateway
+    fingerprint: str  # the model to encode with: the model of the corpus it will be scored against
     deadline: float  # loop.time() by which the caller stops waiting for its embedding
 
 
@@ -151,28 +154,57 @@ class Gateway:
     ) -> SearchResult:
         cfg = self.config
         spec = retrieve_spec_from_proto(request, cfg.max_k, cfg.max_exclusions, cfg.max_history_events)
-        self._corpus_or_raise()  # fail fast, before spending a user_service call
         loop = asyncio.get_running_loop()
         deadline = None if time_remaining is None else loop.time() + time_remaining
-        t0 = time.perf_counter()
         user_deadline = loop.time() + (cfg.user_timeout_s if time_remaining is None else time_remaining)
-        embedding, fingerprint = await self.user_batcher.submit(
-            _UserJob(spec.user, user_deadline), deadline
-        )
-        t1 = time.perf_counter()
-        metrics.LATENCY.labels("user_encode").observe(t1 - t0)
-        info = self._corpus_or_raise()
-        if fingerprint != info.fingerprint:  # checked again, atomically, inside the scoring batch
-            raise model_mismatch(fingerprint, info.fingerprint)
-        if embedding.shape[0] != info.dim:
-            raise NotReady(f"user_service returned D={embedding.shape[0]} for a corpus of D={info.dim}")
-        query = Query(embedding, fingerprint, spec.k, spec.exclude_post_ids, spec.exclude_author_ids)
-        result = await self.batcher.submit(query, deadline)
-        metrics.LATENCY.labels("scoring").observe(time.perf_counter() - t1)
-        return result
+        # The user is encoded with the model of the corpus it will be scored against. When a rollout
+        # swaps the corpus between the two steps (a new model's snapshot), the request starts over
+        # with the new model instead of failing: a response never mixes fingerprints, and a rollout
+        # fails no request.
+        for attempt in range(_SWITCH_RETRIES + 1):
+            info = self._corpus_or_raise()  # fail fast, before spending a user_service call
+            t0 = time.perf_counter()
+            embedding, fingerprint = await self.user_batcher.submit(
+                _UserJob(spec.user, fingerprint=info.fingerprint, deadline=user_deadline), deadline
+            )
+            t1 = time.perf_counter()
+            metrics.LATENCY.labels("user_encode").observe(t1 - t0)
+            now = self._corpus_or_raise()
+            if fingerprint != now.fingerprint:  # checked again, atomically, inside the scoring batch
+                if fingerprint == info.fingerprint and attempt < _SWITCH_RETRIES:
+                    metrics.MODEL_SWITCH_RETRIES.inc()
+                    continue  # the corpus moved to another model meanwhile
+                raise model_mismatch(fingerprint, now.fingerprint)
+            if embedding.shape[0] != now.dim:
+                raise NotReady(f"user_service returned D={embedding.shape[0]} for a corpus of D={now.dim}")
+            query = Query(embedding, fingerprint, spec.k, spec.exclude_post_ids, spec.exclude_author_ids)
+            try:
+                result = await self.batcher.submit(query, deadline)
+            except ModelMismatch:
+                if attempt < _SWITCH_RETRIES and self._corpus_or_raise().fingerprint != fingerprint:
+                    metrics.MODEL_SWITCH_RETRIES.inc()
+                    continue
+                raise
+            metrics.LATENCY.labels("scoring").observe(time.perf_counter() - t1)
+            return result
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     async def _encode_users(self, jobs: list[_UserJob]) -> list[tuple[torch.Tensor, str] | BaseException]:
-        """EncodeUsers for a batch of requests, bounded by the TIGHTEST deadline among them: a call
+        """One EncodeUsers call per model asked for (one model, except during a rollout)."""
+        groups: dict[str, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.fingerprint, []).append(i)
+        if len(groups) == 1:
+            return await self._encode_group(jobs)
+        results: list[tuple[torch.Tensor, str] | BaseException | None] = [None] * len(jobs)
+        outs = await asyncio.gather(*(self._encode_group([jobs[i] for i in idx]) for idx in groups.values()))
+        for idx, out in zip(groups.values(), outs, strict=True):
+            for i, row in zip(idx, out, strict=True):
+                results[i] = row
+        return results  # type: ignore[return-value]
+
+    async def _encode_group(self, jobs: list[_UserJob]) -> list[tuple[torch.Tensor, str] | BaseException]:
+        """EncodeUsers for requests of one model, bounded by the TIGHTEST deadline among them: a call
         that outlives its most impatient caller holds a slot for nothing. When that deadline passes,
         the callers that still have time are sent again on their own (tighter-first) deadline."""
         loop = asyncio.get_running_loop()
@@ -211,7 +243,9 @@ class Gateway:
     ) -> list[tuple[torch.Tensor, str] | BaseException]:
         """One EncodeUsers call; DeadlineExpired propagates (the caller retries the patient ones)."""
         try:
-            embeddings, fingerprint = await self.users.encode([job.user for job in jobs], timeout)
+            embeddings, fingerprint = await self.users.encode(
+                [job.user for job in jobs], timeout, jobs[0].fingerprint
+            )
         except InvalidInput as exc:
             if len(jobs) == 1:
                 return [exc]
@@ -226,7 +260,7 @@ class Gateway:
 
     async def _encode_alone(self, job: _UserJob) -> tuple[torch.Tensor, str]:
         timeout = max(0.001, job.deadline - asyncio.get_running_loop().time())
-        embeddings, fingerprint = await self.users.encode([job.user], timeout)
+        embeddings, fingerprint = await self.users.encode([job.user], timeout, job.fingerprint)
         return embeddings[0], fingerprint
 
     def _corpus_or_raise(self) -> CorpusInfo:

@@ -37,3 +37,7 @@ FOLLOWER_ERRORS = Counter(
     ["type"],
 )
 USER_CALLS_IN_FLIGHT = Gauge("twotower_gateway_user_calls_in_flight", "EncodeUsers calls now in flight")
+MODEL_SWITCH_RETRIES = Counter(
+    "twotower_gateway_model_switch_retries_total",
+    "Retrieve calls restarted because the corpus moved to another model while they were in flight",
+)

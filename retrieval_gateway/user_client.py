@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared import codec
 from shared.convert import user_batch_to_proto
-from shared.errors import DeadlineExpired, InvalidInput, NotReady, Overloaded
+from shared.errors import DeadlineExpired, InvalidInput, ModelMismatch, NotReady, Overloaded
 from shared.model.features import UserContext
 from shared.tls import ClientTLS, aio_channel
 from twotower.v1 import common_pb2, user_tower_pb2, user_tower_pb2_grpc
@@ -39,10 +39,14 @@ class UserEncoder:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def encode(self, users: Sequence[UserContext], timeout: float) -> tuple[torch.Tensor, str]:
-        """Embeddings [B, D] fp32 of B parsed users (one call, sent in columns) and the fingerprint of
-        the model that made them."""
-        request = user_tower_pb2.EncodeUsersRequest(batch=user_batch_to_proto(users))
+    async def encode(
+        self, users: Sequence[UserContext], timeout: float, fingerprint: str = ""
+    ) -> tuple[torch.Tensor, str]:
+        """Embeddings [B, D] fp32 of B parsed users (one call, sent in columns) by the model of this
+        fingerprint (empty: user_service's default) and the fingerprint of the model that made them."""
+        request = user_tower_pb2.EncodeUsersRequest(
+            batch=user_batch_to_proto(users), model_fingerprint=fingerprint
+        )
         try:
             response = await self._stub.EncodeUsers(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
@@ -61,6 +65,8 @@ class UserEncoder:
         code, details = exc.code(), exc.details()
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidInput(details)  # the user context broke a model limit (e.g. a feature id)
+        if code == grpc.StatusCode.FAILED_PRECONDITION:  # the corpus's model is not loaded there
+            return ModelMismatch(f"user_service at {self.address}: {details}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExpired(f"deadline passed while user_service encoded the user ({details})")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:

@@ -167,3 +167,37 @@ def test_the_gateway_sends_user_service_the_parsed_columns_not_the_messages():
             assert h.user.columnar == [True]
 
     run(main())
+
+
+FP_B = "b2" * 8
+
+
+def test_a_request_in_flight_when_the_corpus_changes_model_starts_over_with_the_new_model():
+    async def main():
+        async with stack(max_user_calls_in_flight=1) as h:
+            fp_a = h.cand.fingerprint
+            h.user.held = {fp_a, FP_B}  # user_service holds both models, as during a rollout
+            h.user.gate = asyncio.Event()
+            h.user.asked.clear()
+            before = metric("twotower_gateway_model_switch_retries_total")
+            pending = asyncio.ensure_future(h.retrieve(4, timeout=20))
+            await wait_until(lambda: _true(len(h.user.asked) == 1), what="the encode call for model A")
+            items_b = corpus(np.random.default_rng(3), 15, first_post=300)
+            h.cand.fingerprint = FP_B
+            h.cand.reset(items_b, version=50)  # the rollout's switch: a snapshot of model B
+            await h.at_version(50)
+            h.user.gate.set()  # model A's embedding arrives after the switch
+            res = await pending
+            assert res.model_fingerprint == FP_B and res.corpus_version == 50
+            assert ids(res) == brute(items_b, h.user.vectors[USER], 4)
+            assert h.user.asked == [fp_a, FP_B]
+            assert metric("twotower_gateway_model_switch_retries_total") == before + 1
+            # and a model user_service does not hold is FAILED_PRECONDITION, not a mixed answer
+            h.user.held = {fp_a}
+            try:
+                await h.retrieve(4, timeout=5)
+                raise AssertionError("answered without model B")
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    run(main())

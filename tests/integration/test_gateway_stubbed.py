@@ -53,10 +53,16 @@ class StubUser(user_tower_pb2_grpc.UserTowerServicer):
         self.stalled_user_ids: set[int] = set()  # calls carrying one of these hang until cancelled
         self.delays: list[float] = []  # seconds the next calls sleep before answering, one per call
         self.columnar: list[bool] = []  # per call: users sent as a columnar batch
+        # Models held (as user_service during a rollout): a call names one of them; None = any name is
+        # answered. The default (no name asked) is `fingerprint`.
+        self.held: set[str] | None = None
+        self.asked: list[str] = []  # model_fingerprint of each call
+        self.honour_asked = True  # False: a faulty user_service that answers with its own model
 
     async def EncodeUsers(self, request, context):
         users = request_users(request)
         self.columnar.append(request.HasField("batch") and not request.users)
+        self.asked.append(request.model_fingerprint)
         self.time_remaining.append(context.time_remaining())
         self.users_per_call.append(len(users))
         if self.gate is not None:
@@ -68,8 +74,11 @@ class StubUser(user_tower_pb2_grpc.UserTowerServicer):
         bad = [i for i, u in enumerate(users) if u.user_id in self.bad_user_ids]
         if bad:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"users[{bad[0]}]: too many user_features")
+        fingerprint = (request.model_fingerprint if self.honour_asked else "") or self.fingerprint
+        if self.held is not None and fingerprint not in self.held:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model {fingerprint!r} is not loaded")
         emb = np.stack([self.vectors[u.user_id] for u in users]).astype(np.float32)
-        model = common_pb2.ModelInfo(fingerprint=self.fingerprint, embedding_dim=emb.shape[1])
+        model = common_pb2.ModelInfo(fingerprint=fingerprint, embedding_dim=emb.shape[1])
         return user_tower_pb2.EncodeUsersResponse(embeddings=codec.encode(emb), model=model)
 
 
@@ -469,7 +478,7 @@ def test_fingerprint_mismatch_is_failed_precondition():
     async def main():
         async with stack() as h:
             before = metric("twotower_gateway_fingerprint_mismatch_total")
-            h.user.fingerprint = "b2" * 8
+            h.user.fingerprint, h.user.honour_asked = "b2" * 8, False
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await h.retrieve(3)
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
