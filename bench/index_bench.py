@@ -159,7 +159,10 @@ def main() -> int:
 
     for dtype_name in args.dtypes if args.index_dtypes is None else args.index_dtypes:  # serving path
         index = CorpusIndex(device, dtype_name)
-        index.load_snapshot(1, FP, post_ids.numpy(), np.zeros(args.n, np.int64), corpus, [{}] * args.n)
+        # Embeddings arrive on the host, as the follower decodes them from the stream.
+        host = corpus.cpu()
+        index.load_snapshot(1, FP, post_ids.numpy(), np.zeros(args.n, np.int64), host, [{}] * args.n)
+        del host
         for b in args.batches:
 
             def search(q, index=index):

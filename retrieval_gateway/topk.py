@@ -150,7 +150,7 @@ class _ChunkMasks:
         if rows is None or rows.numel() == 0:
             return cls(None, None, [])
         sorted_rows = rows.cpu().flatten().sort().values
-        return cls(None, sorted_rows.to(device), _bounds(sorted_rows, n, chunk))
+        return cls(None, _upload(sorted_rows, device), _bounds(sorted_rows, n, chunk))
 
     @classmethod
     def of_pairs(
@@ -160,7 +160,7 @@ class _ChunkMasks:
             return cls(None, None, [])
         qi, rows = pairs[0].cpu().flatten(), pairs[1].cpu().flatten()
         sorted_rows, order = rows.sort()
-        return cls(qi[order].to(device), sorted_rows.to(device), _bounds(sorted_rows, n, chunk))
+        return cls(_upload(qi[order], device), _upload(sorted_rows, device), _bounds(sorted_rows, n, chunk))
 
     def fill(self, scores: torch.Tensor, chunk_index: int, start: int) -> None:
         """Set this chunk's cells of scores [B, c] (contiguous, rows chunk-local) to -inf."""
@@ -174,6 +174,12 @@ class _ChunkMasks:
             scores.index_fill_(1, cols, float("-inf"))
         else:
             scores.view(-1).index_fill_(0, self.queries[lo:hi] * scores.shape[1] + cols, float("-inf"))
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device: from pageable memory the copy is
+    staged before the call returns, so `host` may be dropped at once."""
+    return host.to(device, non_blocking=True)
 
 
 def _bounds(sorted_rows: torch.Tensor, n: int, chunk: int) -> list[int]:

@@ -2,6 +2,8 @@
 ties at a chunk's cut deferred to one check after the loop), forced on CPU against the same brute
 force as test_gateway_topk: CI has no GPU, and this is the code a GPU runs."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -88,3 +90,30 @@ def test_gemm_path_matches_the_widening_path_on_bf16_storage():
     valid = np.ones(3000, bool)
     valid[masked.numpy()] = False
     check(gemm, reference(queries, stored.float().numpy(), 100, valid))
+
+
+@pytest.mark.cuda
+def test_cuda_chunk_loop_never_waits_for_the_device():
+    # Several chunks, deleted rows and exclusions on the host, bf16 storage (the GEMM path), no tie at
+    # any cut: the one synchronising call allowed is the tie check after the loop.
+    rng = np.random.default_rng(8)
+    matrix = torch.from_numpy(unit(rng, 20_000, 64)).to("cuda", torch.bfloat16)
+    queries = torch.from_numpy(unit(rng, 4, 64)).cuda()
+    ties = torch.arange(1, 20_001, device="cuda")
+    masked = torch.tensor([5, 7_000, 19_999])
+    exclude = (torch.tensor([0, 3, 3]), torch.tensor([10, 15_000, 3]))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            scores, rows = exact_topk(queries, matrix, 100, masked_rows=masked, exclude=exclude,
+                                      tie_ids=ties, max_score_elements=4 * 3_000)  # fmt: skip
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= 1, syncs
+    cpu = exact_topk(queries.cpu(), matrix.cpu(), 100, masked_rows=masked, exclude=exclude,
+                     tie_ids=ties.cpu(), max_score_elements=4 * 3_000)  # fmt: skip
+    assert torch.equal(cpu[1], rows.cpu())
+    torch.testing.assert_close(cpu[0], scores.cpu(), atol=5e-6, rtol=0)
