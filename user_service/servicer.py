@@ -24,8 +24,10 @@ class UserTowerServicer(user_tower_pb2_grpc.UserTowerServicer):
 
     # ---- model control (rollouts) --------------------------------------------------------------
     async def LoadModel(self, request: user_tower_pb2.LoadModelRequest, context) -> _Models:
-        await self._control.load(request.checkpoint)
-        return self._models_status()
+        identity = await self._control.load(request.checkpoint)
+        status = self._models_status()
+        status.loaded.fingerprint, status.loaded.embedding_dim = identity.fingerprint, identity.embedding_dim
+        return status
 
     async def SetDefaultModel(self, request: user_tower_pb2.ModelRef, context) -> user_tower_pb2.ModelsStatus:
         await self._control.set_default(request.fingerprint)

@@ -7,6 +7,7 @@
     twotower delete 5000 5001
     twotower status
     twotower health 127.0.0.1:50051                      # exit 0 iff SERVING
+    twotower rollout --checkpoint artifacts/new/checkpoint   # move the stack to another model
 
 Addresses default to the stack's ports and can be set by flags or TWOTOWER_GATEWAY,
 TWOTOWER_CANDIDATE, TWOTOWER_USER_SERVICE. Errors print one line (no traceback) and exit 1.
@@ -26,6 +27,7 @@ from pathlib import Path
 import grpc
 
 from shared.client.library import HistoryEvent, RetrieveResult, TwoTowerClient, health
+from shared.client.rollout import RolloutFailed, RolloutTargets, run_rollout
 from shared.tls import ClientTLS, TLSConfigError, add_client_tls_flags, client_tls_from_args
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
@@ -126,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("health", help="exit 0 if the server at ADDRESS is SERVING (for health checks)")
     h.add_argument("address")
+
+    ro = sub.add_parser(
+        "rollout",
+        help="move the running stack to another model with no failed request (rollback: the same "
+        "command with the old checkpoint)",
+    )
+    ro.add_argument("--checkpoint", required=True, help="checkpoint directory, as the services see it")
+    ro.add_argument("--user-services", nargs="+", metavar="HOST:PORT",
+                    help="every user_service replica (default: --user-service)")  # fmt: skip
+    ro.add_argument("--gateways", nargs="+", metavar="HOST:PORT",
+                    help="every gateway that must switch (default: --gateway)")  # fmt: skip
+    ro.add_argument("--encode-timeout", type=float, default=3600.0, help="seconds for the corpus encode")
+    ro.add_argument("--switch-timeout", type=float, default=300.0, help="seconds for the gateways to switch")
     return parser
 
 
@@ -193,6 +208,28 @@ def _fields(message) -> list[tuple[str, object]]:
     return [(f.name, value) for f, value in message.ListFields()]
 
 
+def _rollout(args: argparse.Namespace, tls: ClientTLS | None) -> int:
+    targets = RolloutTargets(
+        user_services=args.user_services or [args.user_service],
+        candidate=args.candidate,
+        gateways=args.gateways or [args.gateway],
+    )
+    try:
+        fingerprint = run_rollout(
+            args.checkpoint, targets, tls=tls, call_timeout_s=max(args.timeout, 60.0),
+            encode_timeout_s=args.encode_timeout, switch_timeout_s=args.switch_timeout,
+            report=lambda line: print(line, flush=True),
+        )  # fmt: skip
+    except RolloutFailed as exc:
+        print(f"error: rollout failed: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        print(f"error: rollout failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(f"rollout done: the stack serves model {fingerprint}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -204,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         status = health(args.address, timeout=args.timeout, tls=tls)
         print(status)
         return 0 if status == "SERVING" else 1
+    if args.command == "rollout":
+        return _rollout(args, tls)
     try:
         print(run(args))
     except UsageError as exc:
