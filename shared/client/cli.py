@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--post-id", type=int)
     u.add_argument("--author-id", type=int, default=0)
     u.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE")
-    u.add_argument("--file", type=Path, help="JSONL items file (one item per line)")
+    u.add_argument("--file", type=Path, help="JSONL items file (one item per line), sent in batches")
+    u.add_argument("--batch-size", type=int, default=4096,
+                   help="items per UpsertItems call (candidate_service's --max-batch-items)")  # fmt: skip
 
     d = sub.add_parser("delete", help="remove items from the corpus")
     d.add_argument("post_ids", type=int, nargs="+")
@@ -178,13 +180,43 @@ def run(args: argparse.Namespace) -> str:
             )  # fmt: skip
             return f"user {user_id}, {len(history)} history events\n" + format_result(result)
         if args.command == "upsert":
-            r = client.upsert(_items_from_args(args))
-            return f"corpus version {r.version}: {r.inserted} inserted, {r.updated} updated"
+            return _upsert(client, _items_from_args(args), args.batch_size)
         if args.command == "delete":
             r = client.delete(args.post_ids)
             unknown = f", unknown ids: {list(r.unknown_post_ids)}" if r.unknown_post_ids else ""
             return f"corpus version {r.version}: {r.deleted} deleted{unknown}"
         return _status(client, args, tls)
+
+
+def _upsert(client: TwoTowerClient, items: list[dict], batch_size: int) -> str:
+    """Send the items in batches the server accepts; each batch is one acknowledged version. A failure
+    stops at the first batch not acknowledged and says how far it got (rerunning is safe: upserts of
+    the same items are idempotent)."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    inserted = updated = done = 0
+    version = 0
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        try:
+            r = client.upsert(batch)
+        except grpc.RpcError as exc:
+            why = f"{exc.code().name}: {exc.details()}"
+            raise UsageError(
+                f"batch of items {start}..{start + len(batch) - 1} failed ({why}); "
+                f"{done} of {len(items)} items were acknowledged before it"
+            ) from None
+        inserted, updated, done, version = (
+            inserted + r.inserted,
+            updated + r.updated,
+            done + len(batch),
+            r.version,
+        )
+        if len(items) > batch_size:
+            print(
+                f"upserted {done}/{len(items)} items (corpus version {version})", file=sys.stderr, flush=True
+            )
+    return f"corpus version {version}: {inserted} inserted, {updated} updated"
 
 
 def _status(client: TwoTowerClient, args: argparse.Namespace, tls: ClientTLS | None) -> str:

@@ -1,6 +1,7 @@
 import json
 import socket
 
+import grpc
 import pytest
 
 from shared.client import cli
@@ -82,3 +83,42 @@ def test_stack_refuses_a_taken_port(tmp_path, capsys):
 def test_stack_without_artifacts_says_what_to_do(tmp_path, capsys):
     assert stack_main(["--artifacts", str(tmp_path / "none")]) == 1
     assert "run `make train` first" in capsys.readouterr().err
+
+
+class _FakeClient:
+    """Accepts at most `limit` items per call, like candidate_service's --max-batch-items."""
+
+    def __init__(self, limit: int, fail_at_call: int | None = None) -> None:
+        self.limit, self.fail_at_call, self.calls = limit, fail_at_call, []
+
+    def upsert(self, items):
+        if len(items) > self.limit:
+            raise AssertionError(f"{len(items)} items in one call")
+        if self.fail_at_call == len(self.calls):
+
+            class Unavailable(grpc.RpcError):
+                def code(self):
+                    return grpc.StatusCode.UNAVAILABLE
+
+                def details(self):
+                    return "disk full"
+
+            raise Unavailable()
+        self.calls.append(len(items))
+
+        class Reply:
+            inserted, updated, version = len(items), 0, len(self.calls)
+
+        return Reply()
+
+
+def test_upsert_of_a_large_file_is_sent_in_batches_with_progress(capsys):
+    items = [{"post_id": i} for i in range(1, 10_001)]
+    client = _FakeClient(limit=4096)
+    assert cli._upsert(client, items, 4096) == "corpus version 3: 10000 inserted, 0 updated"
+    assert client.calls == [4096, 4096, 1808]
+    assert "upserted 8192/10000 items (corpus version 2)" in capsys.readouterr().err
+    failing = _FakeClient(limit=4096, fail_at_call=1)
+    expected = r"items 4096\.\.8191 failed \(UNAVAILABLE: disk full\); 4096 of 10000"
+    with pytest.raises(cli.UsageError, match=expected):
+        cli._upsert(failing, items, 4096)
