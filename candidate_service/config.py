@@ -10,13 +10,18 @@ from shared.server.bootstrap import ServerOptions
 DEFAULT_ENCODE_BATCH_SIZE = 16_384  # items per forward pass when building the corpus
 DEFAULT_MAX_BATCH_ITEMS = 4_096  # items per EncodeItems / UpsertItems / DeleteItems request
 MAX_SNAPSHOT_CHUNK_BYTES = 4 * 1024 * 1024
+ITEM_STORE_FILE = "items.sqlite3"  # under cache_dir unless --item-store says otherwise
 
 
 @dataclass(frozen=True)
 class CandidateConfig:
     checkpoint: Path  # checkpoint directory (model.safetensors + config.json)
-    items: Path  # items file (JSONL; Parquet when pyarrow is installed)
-    cache_dir: Path  # embeddings cache + delta log, one sub-directory per (fingerprint, items digest)
+    cache_dir: Path  # embeddings cache (one file per model fingerprint); default home of the item store
+    # Items file (JSONL; Parquet when pyarrow is installed), imported into an empty item store, or into
+    # a non-empty one with `import_items`. Otherwise the item store is the record and the file is unused.
+    items: Path | None = None
+    item_store: Path | None = None  # SQLite file of the corpus of record; None = cache_dir/items.sqlite3
+    import_items: bool = False  # upsert the items file's new and changed items into the store at start
     encode_batch_size: int = DEFAULT_ENCODE_BATCH_SIZE
     max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS
     # Recent deltas kept in memory so that a watcher that was briefly away resumes without a snapshot.
@@ -25,18 +30,28 @@ class CandidateConfig:
     watcher_queue_size: int = 256
     # Consecutive fresh snapshots a watcher may need because it fell behind before it is cut off.
     max_watcher_resyncs: int = 3
-    # The delta log is folded into a new snapshot once it holds this many records.
-    compact_after_deltas: int = 10_000
+    # Open WatchCorpus streams; each may cost a full snapshot, so one more is RESOURCE_EXHAUSTED.
+    max_watchers: int = 64
+    # The embeddings cache is rewritten (in the background) once this many changes are not in it, so
+    # that a restart re-encodes at most about this many items.
+    cache_refresh_after_changes: int = 10_000
     torch_threads: int | None = None  # torch intra-op threads; None = torch's choice
     port_file: Path | None = None  # the bound port is written here once listening
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:
-        for name in ("encode_batch_size", "max_batch_items", "delta_ring_size", "watcher_queue_size"):
+        for name in (
+            "encode_batch_size", "max_batch_items", "delta_ring_size", "watcher_queue_size",
+            "max_watcher_resyncs", "max_watchers", "cache_refresh_after_changes",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_watcher_resyncs < 1 or self.compact_after_deltas < 1:
-            raise ValueError("max_watcher_resyncs and compact_after_deltas must be >= 1")
+        if self.import_items and self.items is None:
+            raise ValueError("import_items needs an items file")
+
+    @property
+    def item_store_path(self) -> Path:
+        return self.item_store if self.item_store is not None else Path(self.cache_dir) / ITEM_STORE_FILE
 
     @property
     def snapshot_chunk_bytes(self) -> int:

@@ -1,4 +1,5 @@
-"""The items file read at start: JSONL (one item per line), or Parquet when pyarrow is installed.
+"""The items file, imported into the item store (on the first start, or with --import-items): JSONL
+(one item per line), or Parquet when pyarrow is installed.
 
 JSONL line format: {"post_id": <int > 0>, "author_id": <int >= 0, optional>, "attributes": {str: str}}.
 Every problem (missing file, malformed line, bad value, duplicate post id) raises ItemsFileError naming
@@ -31,7 +32,7 @@ class ItemColumns:
     post_ids: np.ndarray  # [N] int64, > 0, unique
     author_ids: np.ndarray  # [N] int64, >= 0
     attributes: list[dict[str, str] | None]  # [N]; None = no attributes (saves memory on big corpora)
-    digest: str  # sha256 of the file's bytes: part of the cache key
+    digest: str  # sha256 of the file's bytes: recorded in the item store at import
 
     def __len__(self) -> int:
         return len(self.post_ids)
@@ -72,6 +73,15 @@ def parse_item(line: str) -> tuple[int, int, dict[str, str] | None]:
     except InvalidInput as exc:
         raise ValueError(str(exc)) from None
     return post_id, author_id, attrs or None
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of the file's bytes: the `digest` read_items gives, without parsing the file."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_items(path: str | Path) -> ItemColumns:

@@ -16,7 +16,16 @@ ENCODED_ITEMS = Counter("candidate_encoded_items_total", "Items encoded (rate() 
 ENCODE_THROUGHPUT = Gauge("candidate_encode_items_per_second", "Throughput of the last forward pass")
 SNAPSHOTS_SENT = Counter("candidate_snapshots_sent_total", "Full snapshots streamed to watchers")
 WATCHER_RESYNCS = Counter("candidate_watcher_resyncs_total", "Fresh snapshots because a watcher fell behind")
-DELTA_LOG_RECORDS = Gauge("candidate_delta_log_records", "Records in the delta log since the last snapshot")
+WATCHERS_REFUSED = Counter("candidate_watchers_refused_total", "WatchCorpus streams refused (--max-watchers)")
+CHANGES_SINCE_CACHE = Gauge(
+    "candidate_changes_since_cache",
+    "Committed changes not yet in the embeddings cache (re-encoded at a start); -1 = no usable cache file",
+)
+STORE_WRITE_FAILURES = Counter(
+    "candidate_store_write_failures_total",
+    "Writes to the item store that failed (nothing applied)",
+    ["error"],
+)
 
 
 def observe_encode(items: int, seconds: float) -> None:

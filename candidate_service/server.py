@@ -1,4 +1,5 @@
-"""candidate_service server: bind -> start (NOT_SERVING) -> load model + corpus (SERVING) -> graceful stop.
+"""candidate_service server: bind -> start (NOT_SERVING) -> load model + corpus (SERVING) -> graceful stop
+-> close the item store.
 
 Loading runs on a worker thread after the server listens, so health can be probed while a large corpus
 is encoded; EncodeItems works as soon as the model is loaded, the corpus RPCs once the corpus is.
@@ -14,6 +15,8 @@ import torch
 
 from candidate_service.config import CandidateConfig
 from candidate_service.corpus import CandidateCore
+from candidate_service.item_store import SqliteItemStore
+from candidate_service.loading import StoreOpener
 from candidate_service.servicer import CandidateTowerServicer
 from shared.server.bootstrap import create_grpc_server, graceful_stop
 from shared.server.lifecycle import run_until_signal
@@ -27,9 +30,9 @@ SERVICE_NAME = candidate_tower_pb2.DESCRIPTOR.services_by_name["CandidateTower"]
 class CandidateServer:
     """The gRPC server plus the core and its readiness; in-process tests drive it on port 0."""
 
-    def __init__(self, config: CandidateConfig) -> None:
+    def __init__(self, config: CandidateConfig, open_store: StoreOpener = SqliteItemStore.open) -> None:
         self.config = config
-        self.core = CandidateCore(config)
+        self.core = CandidateCore(config, open_store)
         servicer = CandidateTowerServicer(self.core)
         self.server, self.port, self.health = create_grpc_server(
             config.server,
@@ -57,17 +60,21 @@ class CandidateServer:
         grace = self.config.server.grace_seconds if grace_seconds is None else grace_seconds
         self.core.request_stop()  # watch streams end now rather than at the end of the grace period
         await graceful_stop(self.server, self.health, grace)
-        self.core.close()
+        await self.core.aclose()
 
 
-def create_server(config: CandidateConfig) -> tuple[grpc.aio.Server, int, CandidateServer]:
-    """Build (not start) the server; returns the grpc server, the bound port and the lifecycle object."""
-    app = CandidateServer(config)
+def create_server(
+    config: CandidateConfig, open_store: StoreOpener = SqliteItemStore.open
+) -> tuple[grpc.aio.Server, int, CandidateServer]:
+    """Build (not start) the server; returns the grpc server, the bound port and the lifecycle object.
+    `open_store` opens the item store (tests inject faults through it)."""
+    app = CandidateServer(config, open_store)
     return app.server, app.port, app
 
 
 async def serve(config: CandidateConfig) -> None:
-    """Run until SIGTERM/SIGINT. A load failure (checkpoint, items file) is re-raised after stopping."""
+    """Run until SIGTERM/SIGINT. A load failure (checkpoint, item store, items file) is re-raised after
+    stopping."""
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
     _server, port, app = create_server(config)

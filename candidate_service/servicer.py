@@ -8,7 +8,8 @@ import grpc
 import numpy as np
 
 from candidate_service import wire
-from candidate_service.corpus import CandidateCore, SnapshotPart
+from candidate_service.corpus import CandidateCore
+from candidate_service.watch import SnapshotPart
 from shared import codec
 from shared.convert import item_columns_from_proto
 from twotower.v1 import candidate_tower_pb2 as pb
@@ -51,10 +52,12 @@ class CandidateTowerServicer(candidate_tower_pb2_grpc.CandidateTowerServicer):
     async def WatchCorpus(
         self, request: pb.WatchCorpusRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CorpusEvent]:
-        # Headers now, not with the first event: a watcher that is up to date gets no event for a while
-        # and must still know that the stream is established (once the corpus is loaded: info() raises
-        # NotReady before that).
-        self.core.info()
-        await context.send_initial_metadata(())
-        async for event in self.core.watch(request.known_version, request.known_fingerprint):
-            yield wire.snapshot_event(event) if isinstance(event, SnapshotPart) else wire.delta_event(event)
+        # Registered before the headers (NotReady while loading, Overloaded past --max-watchers); headers
+        # now, not with the first event: a watcher that is up to date gets no event for a while and must
+        # still know that the stream is established.
+        with self.core.watch(request.known_version, request.known_fingerprint) as events:
+            await context.send_initial_metadata(())
+            async for event in events:
+                yield (
+                    wire.snapshot_event(event) if isinstance(event, SnapshotPart) else wire.delta_event(event)
+                )

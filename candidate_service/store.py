@@ -1,6 +1,6 @@
 """The corpus in memory (no grpc, no disk): ids, author ids, attributes, the embeddings matrix, the live
 rows, the version and the model fingerprint. Changes are expressed as Deltas, built then applied, so that
-the caller can make a delta durable (delta log) before it becomes visible.
+the caller can commit a delta to the item store (the record) before it becomes visible.
 
 Thread-safety: one lock guards the arrays; `snapshot()` returns an immutable copy of the live rows
 (shared by every watcher of that version), so streaming never holds the lock.

@@ -1,17 +1,46 @@
-"""Fan-out of corpus deltas to any number of watchers (no grpc). Event-loop only: no locks.
+"""The WatchCorpus stream (no grpc): fan-out of corpus deltas to a bounded number of watchers.
+Event-loop only: no locks.
 
 The hub keeps a bounded ring of recent deltas (so a watcher that was briefly away resumes with deltas
 instead of a snapshot) and one bounded queue per watcher. Publishing never waits: a watcher whose queue
 is full is marked overflowed and its queue dropped; it then needs a fresh snapshot. A slow watcher
-therefore costs the writers and the other watchers nothing.
+therefore costs the writers and the other watchers nothing. Each stream may cost a full snapshot, so
+their number is bounded (`max_watchers`): past it a new stream is refused with Overloaded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
-from candidate_service.store import Delta
+from candidate_service import metrics
+from candidate_service.store import CorpusStore, Delta, Snapshot
+from shared.errors import Overloaded
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SnapshotPart:
+    """Rows [lo, hi) of `snapshot`, chunk `index` of `num_chunks`."""
+
+    snapshot: Snapshot
+    index: int
+    num_chunks: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class WatchLimits:
+    max_watchers: int  # open streams; one more is refused
+    max_queued: int  # deltas queued per watcher before it gets a fresh snapshot instead
+    max_resyncs: int  # consecutive fresh snapshots a watcher may need before it is cut off
+    chunk_bytes: int  # payload bytes per snapshot chunk
 
 
 class Watcher:
@@ -53,21 +82,15 @@ class Watcher:
 
 
 class WatchHub:
-    def __init__(self, version: int, ring_size: int, max_queued: int) -> None:
+    def __init__(self, version: int, ring_size: int, limits: WatchLimits) -> None:
         self.version = version  # last published version
+        self.limits = limits
         self._ring: deque[Delta] = deque(maxlen=ring_size)
         self._watchers: set[Watcher] = set()
-        self._max_queued = max_queued
 
     @property
     def num_watchers(self) -> int:
         return len(self._watchers)
-
-    def seed(self, deltas: list[Delta]) -> None:
-        """Deltas replayed from the log at start, so watchers can resume across a restart."""
-        for delta in deltas:
-            self._ring.append(delta)
-            self.version = delta.version
 
     def publish(self, delta: Delta) -> None:
         if delta.version != self.version + 1:
@@ -86,14 +109,81 @@ class WatchHub:
         return [d for d in self._ring if d.version > version]
 
     def register(self) -> Watcher:
-        watcher = Watcher(self._max_queued)
+        if len(self._watchers) >= self.limits.max_watchers:
+            metrics.WATCHERS_REFUSED.inc()
+            raise Overloaded(
+                f"{len(self._watchers)} WatchCorpus streams are open, the limit of this candidate_service "
+                f"(--max-watchers {self.limits.max_watchers}); retry later"
+            )
+        watcher = Watcher(self.limits.max_queued)
         self._watchers.add(watcher)
+        metrics.WATCHERS.set(len(self._watchers))
         return watcher
 
     def unregister(self, watcher: Watcher) -> None:
         self._watchers.discard(watcher)
+        metrics.WATCHERS.set(len(self._watchers))
 
     def close(self) -> None:
         """End every watch stream (shutdown): they finish cleanly instead of waiting out the grace period."""
         for watcher in self._watchers:
             watcher.close()
+
+    @contextlib.contextmanager
+    def watch(
+        self, corpus: CorpusStore, known_version: int, known_fingerprint: str
+    ) -> Iterator[AsyncIterator[SnapshotPart | Delta]]:
+        """Register a watcher now (Overloaded past the limit, before the caller sends anything) and give
+        its events: a snapshot unless the watcher can continue with deltas, then every delta. The
+        watcher is unregistered when the block exits, whether or not the events were read."""
+        watcher = self.register()  # before deciding, so no delta published from now on is missed
+        try:
+            yield self._events(watcher, corpus, known_version, known_fingerprint)
+        finally:
+            self.unregister(watcher)
+
+    async def _events(
+        self, watcher: Watcher, corpus: CorpusStore, known_version: int, known_fingerprint: str
+    ) -> AsyncIterator[SnapshotPart | Delta]:
+        backlog = self.deltas_after(known_version) if known_fingerprint == corpus.fingerprint else None
+        sent: int | None = None
+        if backlog is not None:
+            for delta in backlog:
+                yield delta
+            sent = backlog[-1].version if backlog else known_version
+        resyncs = 0
+        while True:
+            if sent is None:  # a fresh snapshot; deltas queued meanwhile follow it
+                if resyncs > self.limits.max_resyncs:
+                    raise Overloaded(
+                        f"watcher fell behind {resyncs} times in a row; reconnect with known_version"
+                    )
+                watcher.reset()
+                snap = await asyncio.to_thread(corpus.snapshot)
+                for part in snapshot_parts(snap, self.limits.chunk_bytes):
+                    yield part
+                metrics.SNAPSHOTS_SENT.inc()
+                sent = snap.version
+            delta = await watcher.next()
+            if watcher.closed:
+                return
+            if delta is None:
+                metrics.WATCHER_RESYNCS.inc()
+                resyncs, sent = resyncs + 1, None
+                continue
+            if delta.version <= sent:
+                continue  # already in the snapshot
+            if delta.version != sent + 1:  # cannot happen by construction; never send a gap
+                logger.error("watcher would skip from version %d to %d; resyncing", sent, delta.version)
+                sent = None
+                continue
+            if watcher.pending() == 0:
+                resyncs = 0  # caught up
+            yield delta
+            sent = delta.version
+
+
+def snapshot_parts(snap: Snapshot, chunk_bytes: int) -> Iterator[SnapshotPart]:
+    bounds = snap.chunk_bounds(chunk_bytes)
+    for index, (lo, hi) in enumerate(bounds):
+        yield SnapshotPart(snap, index, len(bounds), lo, hi)

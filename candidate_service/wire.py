@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from google.protobuf.message import Message
 
-from candidate_service.corpus import CorpusInfo, SnapshotPart
+from candidate_service.corpus import CorpusInfo
 from candidate_service.store import Attrs, Delta
+from candidate_service.watch import SnapshotPart
 from shared import codec
 from twotower.v1 import candidate_tower_pb2 as pb
 

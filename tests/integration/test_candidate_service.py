@@ -17,11 +17,16 @@ from shared import codec
 from shared.model.checkpoint import load_checkpoint
 from shared.model.features import featurize_items
 from shared.server.bootstrap import ServerOptions
+from tests.candidate_faults import StoreFaults
 from twotower.v1 import candidate_tower_pb2 as pb
 from twotower.v1 import candidate_tower_pb2_grpc as pb_grpc
 from twotower.v1 import common_pb2
 
 N = 300
+PERSISTENT_FAULTS = {
+    "SQLITE_FULL": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "SQLITE_IOERR_FSYNC": grpc.StatusCode.UNAVAILABLE,
+}
 
 
 @pytest.fixture
@@ -39,9 +44,11 @@ def config(tmp_path, tiny_checkpoint):
     )  # fmt: skip
 
 
-def with_server(config: CandidateConfig, body, timeout: float = 60):
+def with_server(config: CandidateConfig, body, timeout: float = 60, open_store=None):
     async def main():
-        _server, port, app = create_server(config)
+        _server, port, app = (
+            create_server(config) if open_store is None else create_server(config, open_store)
+        )
         await app.start()
         try:
             async with grpc.aio.insecure_channel(
@@ -185,3 +192,69 @@ def test_bad_input_is_invalid_argument_and_changes_nothing(config, method, reque
         assert after == before
 
     with_server(config, body)
+
+
+def test_watchers_past_the_limit_are_resource_exhausted(config):
+    from dataclasses import replace
+
+    async def body(app, stub, _channel):
+        await app.load()
+        open_streams = [stub.WatchCorpus(pb.WatchCorpusRequest()) for _ in range(2)]
+        for stream in open_streams:
+            await collect_snapshot(stream)
+        refused = stub.WatchCorpus(pb.WatchCorpusRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await refused.read()
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (
+            "2 WatchCorpus streams are open" in info.value.details()
+            and "--max-watchers 2" in info.value.details()
+        )
+        assert REGISTRY.get_sample_value("candidate_watchers") == 2
+        assert (await stub.GetCorpusInfo(pb.GetCorpusInfoRequest(), timeout=5)).num_items == N  # others go on
+        open_streams[0].cancel()
+        for _ in range(200):  # the server notices the cancellation; bounded wait
+            if REGISTRY.get_sample_value("candidate_watchers") == 1:
+                break
+            await asyncio.sleep(0.05)
+        again = stub.WatchCorpus(pb.WatchCorpusRequest())
+        rows, _version = await collect_snapshot(again)
+        assert len(rows) == N
+        again.cancel()
+        open_streams[1].cancel()
+
+    with_server(replace(config, max_watchers=2), body)
+
+
+@pytest.mark.parametrize("fault", list(PERSISTENT_FAULTS))
+def test_failed_commit_is_a_clear_status_and_the_service_goes_on(config, fault):
+    faults = StoreFaults()
+
+    async def body(app, stub, _channel):
+        await app.load()
+        before = await stub.GetCorpusInfo(pb.GetCorpusInfoRequest(), timeout=5)
+        ok = await stub.UpsertItems(pb.UpsertItemsRequest(items=items(5100)), timeout=10)
+        faults.fail_next_commits(fault, fault)
+        for call in (
+            stub.UpsertItems(pb.UpsertItemsRequest(items=items(5101)), timeout=10),
+            stub.DeleteItems(pb.DeleteItemsRequest(post_ids=[1]), timeout=10),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() == PERSISTENT_FAULTS[fault], info.value.details()
+            assert fault in info.value.details() and "item store" in info.value.details()
+        info_after = await stub.GetCorpusInfo(pb.GetCorpusInfoRequest(), timeout=5)
+        assert info_after.version == ok.version and info_after.num_items == before.num_items + 1
+        rows, version = await collect_snapshot(stub.WatchCorpus(pb.WatchCorpusRequest()))  # reads go on
+        assert version == ok.version and 5101 not in rows and 1 in rows
+        later = await stub.UpsertItems(pb.UpsertItemsRequest(items=items(5102)), timeout=10)
+        assert later.version == ok.version + 1  # the failed change's version was never published
+        assert (
+            REGISTRY.get_sample_value(
+                "candidate_store_write_failures_total",
+                {"error": "StorageFull" if fault == "SQLITE_FULL" else "StorageUnavailable"},
+            )
+            >= 2
+        )
+
+    with_server(config, body, open_store=faults.open)

@@ -1,9 +1,12 @@
-"""candidate_service killed (SIGKILL) while it builds and writes its cache, and while it logs upserts:
-the restart recovers, the cache on disk is never corrupt, and no acknowledged upsert is lost.
+"""candidate_service killed (SIGKILL) while it imports the items file, encodes and writes its
+embeddings cache, and while it commits upserts: the restart recovers, the item store and the cache on
+disk are never corrupt, and no acknowledged upsert is lost.
 
-Kill points are found from the outside, not guessed from timings: the log line that starts encoding,
-the temporary snapshot file that exists only while a snapshot is written (initial build or a
-compaction), and a count of acknowledged upserts.
+Kill points are found from the outside, not guessed from timings: the log lines that say the item
+store was created and that encoding starts, the temporary cache file that exists only while the
+cache is written, and a count of acknowledged upserts. A kill while upserts stream in lands at an
+arbitrary point among frequent cache refreshes, not certainly inside one (the test prints whether a
+refresh was in progress): nothing there depends on the cache, which is derived data.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import grpc
 import numpy as np
 import pytest
 
-from candidate_service.persistence import SNAPSHOT_FILE, read_log, read_snapshot
+from candidate_service.embedding_cache import cache_file, read_cache
+from candidate_service.item_store import SqliteItemStore
 from shared import codec
 from shared.model.checkpoint import load_checkpoint
 from tests.reliability.harness import START_S, wait_until, write_items
@@ -30,7 +34,7 @@ INT64 = (common_pb2.DTYPE_INT64,)
 
 
 def _tmp_files(cache: Path) -> list[Path]:
-    return list(cache.glob("*/.*.tmp")) if cache.exists() else []
+    return list(cache.glob("embeddings/.*.tmp")) if cache.exists() else []
 
 
 def _start(tmp: Path, ckpt: Path, items: Path, cache: Path, name: str, *extra: str) -> ServiceProcess:
@@ -55,26 +59,18 @@ def corpus_post_ids(address: str) -> set[int]:
 
 
 def _check_cache_on_disk(cache: Path, ckpt: Path) -> str:
-    """The snapshot, if any, passes every check (checksum, shapes); the log has no corrupt record."""
+    """The item store opens and reads; the embeddings cache, if any, passes every check (checksum,
+    shapes). Raises ItemStoreError / CacheError otherwise."""
     loaded = load_checkpoint(ckpt)
-    dirs = [d for d in cache.iterdir() if d.is_dir()] if cache.exists() else []
-    for d in dirs:
-        if (d / SNAPSHOT_FILE).exists():
-            digest = d.name.split("-", 1)[1]
-            snap = read_snapshot(d, loaded.fingerprint, _full_digest(d, digest), loaded.config.emb_dim)
-            read_log(d / "deltas.log")
-            return f"snapshot of {len(snap.post_ids)} items"
-    return "no snapshot"
-
-
-def _full_digest(directory: Path, prefix: str) -> str:
-    """The snapshot records the full items digest; the directory name only its first 16 chars."""
-    from safetensors import safe_open
-
-    with safe_open(str(directory / SNAPSHOT_FILE), framework="np") as f:
-        digest = (f.metadata() or {}).get("items_digest", "")
-    assert digest.startswith(prefix)
-    return digest
+    found = []
+    if (cache / "items.sqlite3").exists():
+        store = SqliteItemStore.open(cache / "items.sqlite3")
+        found.append(f"item store of {len(store.load())} items")
+        store.close()
+    path = cache_file(cache, loaded.fingerprint)
+    if path.exists():
+        found.append(f"cache of {len(read_cache(path, loaded.fingerprint, loaded.config.emb_dim))} rows")
+    return ", ".join(found) or "nothing"
 
 
 def _kill_when(proc: ServiceProcess, ready, what: str, delay: float = 0.0) -> str:
@@ -82,13 +78,15 @@ def _kill_when(proc: ServiceProcess, ready, what: str, delay: float = 0.0) -> st
     time.sleep(delay)
     proc.kill()
     log = proc.log()
-    return "after cache written" if "corpus cached" in log else "encoded" if "encoded" in log else "encoding"
+    if "embeddings cache" in log and "written" in log:
+        return "after cache written"
+    return "encoded" if "encoded" in log else "encoding" if "encoding " in log else "importing"
 
 
 INITIAL_POINTS = {
-    "reading items": ("model", 0.2),
+    "importing items": ("created", 0.2),
     "encoding": ("encoding", 0.1),
-    "writing snapshot": ("tmp", 0.0),
+    "writing cache": ("tmp", 0.0),
 }
 SLOW_POINTS = {f"encoding+{d:.2f}s": ("encoding", d) for d in (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0)}
 
@@ -97,17 +95,19 @@ def _initial_build_case(tmp_path: Path, ckpt: Path, items: Path, trigger: str, d
     cache = tmp_path / "cache"
     proc = _start(tmp_path, ckpt, items, cache, "killed")
     conditions = {
-        "model": lambda: "loaded from" in proc.log(),
+        "created": lambda: "created the item store" in proc.log(),
         "encoding": lambda: "encoding " in proc.log(),
-        "tmp": lambda: bool(_tmp_files(cache)),
+        # the temp file exists for a moment only: once the log says the cache is written, the kill
+        # lands after it (printed as "landed")
+        "tmp": lambda: bool(_tmp_files(cache)) or "written at version" in proc.log(),
     }
     landed = _kill_when(proc, conditions[trigger], trigger, delay)
-    on_disk = _check_cache_on_disk(cache, ckpt)  # raises CacheError if corrupt
+    on_disk = _check_cache_on_disk(cache, ckpt)  # raises ItemStoreError / CacheError if corrupt
     print(f"\nkilled at {trigger}+{delay}s (landed: {landed}); on disk: {on_disk}")
     again = _start(tmp_path, ckpt, items, cache, "restarted").wait_serving(START_S)
     try:
         assert corpus_post_ids(again.address) == set(range(1, BIG + 1))
-        assert "discarding the corpus cache" not in again.log()  # a crash never leaves a corrupt cache
+        assert "embeddings cache is unusable" not in again.log()  # a crash never leaves a corrupt cache
         assert not _tmp_files(cache), _tmp_files(cache)  # nothing left behind by the killed write
     finally:
         again.stop()
@@ -145,12 +145,12 @@ def _upsert_stream(address: str, first_id: int, acked: list[int], attempted: lis
             post += 1
 
 
-@pytest.mark.parametrize("kill_at", ["after 15 acks", "during compaction", "after 40 acks"])
+@pytest.mark.parametrize("kill_at", ["after 15 acks", "among cache refreshes", "after 40 acks"])
 def test_kill_during_a_stream_of_upserts_loses_no_acknowledged_upsert(tmp_path, tiny_checkpoint, kill_at):
     items = write_items(tmp_path / "items.jsonl", range(1, 3001))
     cache = tmp_path / "cache"
-    # Compaction every 8 deltas rewrites the snapshot often, so kills also land in and around it.
-    flags = ("--compact-after-deltas", "8")
+    # A cache refresh every 8 changes rewrites the cache file often, so kills may land in and around it.
+    flags = ("--cache-refresh-after-changes", "8")
     proc = _start(tmp_path, tiny_checkpoint, items, cache, "writer", *flags).wait_serving(START_S)
     acked: list[int] = []
     attempted: list[int] = []
@@ -158,8 +158,11 @@ def test_kill_during_a_stream_of_upserts_loses_no_acknowledged_upsert(tmp_path, 
     writer = threading.Thread(target=_upsert_stream, args=(proc.address, 100_001, acked, attempted, stop))
     writer.start()
     try:
-        if kill_at == "during compaction":
-            wait_until(lambda: bool(_tmp_files(cache)) or len(acked) > 400, "a compaction", 60)
+        if kill_at == "among cache refreshes":  # after 15 acks, in a refresh if one is seen, else at 400
+            wait_until(lambda: len(acked) >= 15, "15 acks", 60)
+            wait_until(lambda: bool(_tmp_files(cache)) or len(acked) > 400, "a refresh or 400 acks", 60)
+            refreshing = bool(_tmp_files(cache))
+            kill_at = f"{kill_at} ({'a refresh in progress' if refreshing else 'none seen in progress'})"
         else:
             wait_until(lambda: len(acked) >= int(kill_at.split()[1]), kill_at, 60)
         proc.kill()
@@ -176,7 +179,7 @@ def test_kill_during_a_stream_of_upserts_loses_no_acknowledged_upsert(tmp_path, 
         assert set(acked) <= ids  # no acknowledged upsert lost
         assert ids <= set(range(1, 3001)) | set(attempted)  # nothing invented
         assert len(ids) - 3000 in (len(acked), len(acked) + 1)  # at most the one in flight, if durable
-        assert "discarding the corpus cache" not in again.log()
+        assert "embeddings cache is unusable" not in again.log()
     finally:
         again.stop()
         proc.stop()

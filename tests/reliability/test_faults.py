@@ -115,7 +115,7 @@ def test_candidate_sigkill_keeps_serving_resyncs_keeps_acked_upserts_and_swaps_s
 ):
     corpus_a = range(1, 201)
     upserted = range(1001, 1006)
-    corpus_b = range(5001, 5201)  # a different items file: a new corpus, a fresh snapshot to the gateway
+    corpus_b = range(5001, 5201)  # another item store: a new corpus, a fresh snapshot to the gateway
     stack = Stack(tmp_path, tiny_checkpoint, write_items(tmp_path / "a.jsonl", corpus_a))
     try:
         stack.start_all()
@@ -138,7 +138,10 @@ def test_candidate_sigkill_keeps_serving_resyncs_keeps_acked_upserts_and_swaps_s
             wait_until(lambda: _gateway_status(stack).candidate_service_connected, "resync", RECOVER_S)
             events["resynced"] = time.monotonic()
             stack.procs["candidate"].kill()
+            # A new corpus of record: the item store is the record, so a new items file alone changes
+            # nothing (it is imported only into a new store)
             stack.items = write_items(tmp_path / "b.jsonl", corpus_b)
+            stack.candidate_args = ["--item-store", str(tmp_path / "b.sqlite3")]
             stack.start("candidate")
             events["swap_sent"] = time.monotonic()
             b_version = _gateway_status_version_of_candidate(stack)

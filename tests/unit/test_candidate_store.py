@@ -1,30 +1,28 @@
-"""candidate_service core pieces without grpc: items file, in-memory store, snapshot file, delta log."""
+"""candidate_service core pieces without grpc: items file, in-memory store, embeddings cache file."""
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 
 import numpy as np
 import pytest
 
-from candidate_service.items_file import ItemsFileError, read_items
-from candidate_service.persistence import (
-    LOG_FILE,
-    SNAPSHOT_FILE,
+from candidate_service.embedding_cache import (
+    CachedEmbeddings,
     CacheError,
-    DeltaLog,
     atomic_write,
-    encode_record,
-    read_log,
-    read_snapshot,
-    write_snapshot,
+    cache_file,
+    read_cache,
+    reusable_rows,
+    write_cache,
 )
+from candidate_service.items_file import ItemsFileError, file_digest, read_items
 from candidate_service.store import CorpusStore, Delta
 from shared.errors import InvalidInput
 
 D = 4
+NONE = np.zeros(0, np.int64)
 
 
 def make_store(n: int = 5, version: int = 10) -> CorpusStore:
@@ -57,7 +55,7 @@ def test_items_file_reads_all_fields_and_skips_blank_lines(tmp_path):
     items = read_items(path)
     assert items.post_ids.tolist() == [3, 9] and items.author_ids.tolist() == [7, 0]
     assert items.attributes == [{"title": "a"}, None]
-    assert len(items.digest) == 64
+    assert len(items.digest) == 64 and items.digest == file_digest(path)
 
 
 @pytest.mark.parametrize(
@@ -162,17 +160,24 @@ def test_chunk_bounds_cover_every_row_within_the_byte_budget():
     assert CorpusStore(D, "fp", 1).snapshot().chunk_bounds(10) == [(0, 0)]  # empty corpus: one empty chunk
 
 
-# -- snapshot file -------------------------------------------------------------------------------------
+# -- embeddings cache file ----------------------------------------------------------------------------
 
 
-def test_snapshot_round_trip(tmp_path):
-    snap = make_store().snapshot()
-    write_snapshot(tmp_path, snap, "digest")
-    back = read_snapshot(tmp_path, "fp", "digest", D)
-    assert back.version == snap.version and back.attributes == snap.attributes
-    for name in ("post_ids", "author_ids", "embeddings", "attr_bytes"):
-        assert np.array_equal(getattr(back, name), getattr(snap, name)), name
-    assert [p.name for p in tmp_path.iterdir()] == [SNAPSHOT_FILE]  # no temp file left behind
+def cached_from(store: CorpusStore) -> CachedEmbeddings:
+    snap = store.snapshot()
+    return CachedEmbeddings(snap.version, snap.post_ids, snap.author_ids, snap.embeddings)
+
+
+def test_cache_round_trip(tmp_path):
+    path = cache_file(tmp_path, "fp")
+    cached = cached_from(make_store())
+    write_cache(path, "fp", cached)
+    back = read_cache(path, "fp", D)
+    assert back.version == cached.version
+    for name in ("post_ids", "author_ids", "embeddings"):
+        assert np.array_equal(getattr(back, name), getattr(cached, name)), name
+    assert path == tmp_path / "embeddings" / "fp.safetensors"
+    assert [p.name for p in path.parent.iterdir()] == ["fp.safetensors"]  # no temp file left behind
 
 
 @pytest.mark.parametrize(
@@ -181,15 +186,14 @@ def test_snapshot_round_trip(tmp_path):
         ("truncate", "unreadable or truncated"),
         ("flip", "checksum mismatch"),
         ("fingerprint", "fingerprint"),
-        ("digest", "items_digest"),
         ("dim", "wrong shapes"),
     ],
 )
-def test_snapshot_that_fails_a_check_is_refused(tmp_path, damage, message):
-    write_snapshot(tmp_path, make_store().snapshot(), "digest")
-    path = tmp_path / SNAPSHOT_FILE
+def test_cache_that_fails_a_check_is_refused(tmp_path, damage, message):
+    path = cache_file(tmp_path, "fp")
+    write_cache(path, "fp", cached_from(make_store()))
     data = bytearray(path.read_bytes())
-    fingerprint, digest, dim = "fp", "digest", D
+    fingerprint, dim = "fp", D
     if damage == "truncate":
         path.write_bytes(data[: len(data) - 7])
     elif damage == "flip":
@@ -197,12 +201,26 @@ def test_snapshot_that_fails_a_check_is_refused(tmp_path, damage, message):
         path.write_bytes(bytes(data))
     elif damage == "fingerprint":
         fingerprint = "other"
-    elif damage == "digest":
-        digest = "other"
     else:
         dim = D + 1
     with pytest.raises(CacheError, match=message):
-        read_snapshot(tmp_path, fingerprint, digest, dim)
+        read_cache(path, fingerprint, dim)
+
+
+def test_missing_cache_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_cache(cache_file(tmp_path, "fp"), "fp", D)
+
+
+def test_reusable_rows_match_post_and_author():
+    cached = CachedEmbeddings(
+        1, np.asarray([30, 10, 20]), np.asarray([3, 1, 2]), np.zeros((3, D), np.float32)
+    )  # fmt: skip
+    rows = reusable_rows(cached, np.asarray([10, 20, 30, 40, 5]), np.asarray([1, 9, 3, 4, 0]))
+    assert rows.tolist() == [1, -1, 0, -1, -1]  # 20 changed author, 40 and 5 are new
+    assert reusable_rows(
+        CachedEmbeddings(1, NONE, NONE, np.zeros((0, D))), np.asarray([1]), np.asarray([0])
+    ).tolist() == [-1]
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
@@ -217,79 +235,6 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(target, failing)
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["f"]
-
-
-# -- delta log -----------------------------------------------------------------------------------------
-
-
-def log_with(tmp_path, count: int) -> tuple[list[Delta], bytes]:
-    store = make_store()
-    log = DeltaLog(tmp_path / LOG_FILE, 0)
-    deltas = []
-    for i in range(count):
-        delta = upsert(store, [i + 1, 50 + i], value=float(i))
-        log.append(delta)
-        deltas.append(delta)
-    log.close()
-    return deltas, (tmp_path / LOG_FILE).read_bytes()
-
-
-def assert_same(a: Delta, b: Delta) -> None:
-    assert a.version == b.version and a.fingerprint == b.fingerprint
-    assert a.upsert_attributes == b.upsert_attributes
-    for name in ("upsert_post_ids", "upsert_author_ids", "upsert_embeddings", "deleted_post_ids"):
-        assert np.array_equal(getattr(a, name), getattr(b, name)), name
-
-
-def test_log_round_trip(tmp_path):
-    deltas, data = log_with(tmp_path, 3)
-    back, end = read_log(tmp_path / LOG_FILE)
-    assert end == len(data) and len(back) == 3
-    for a, b in zip(deltas, back, strict=True):
-        assert_same(a, b)
-
-
-@pytest.mark.parametrize("cut", [1, 5, 12, 40, -1])
-def test_torn_last_record_is_dropped_and_the_log_continues(tmp_path, cut):
-    deltas, data = log_with(tmp_path, 3)
-    last = len(encode_record(deltas[-1]))
-    keep = len(data) - last + (cut if cut > 0 else last - 1)
-    (tmp_path / LOG_FILE).write_bytes(data[:keep])
-    back, end = read_log(tmp_path / LOG_FILE)
-    assert [d.version for d in back] == [11, 12] and end == len(data) - last
-    log = DeltaLog(tmp_path / LOG_FILE, end)  # cuts the torn tail, then appends after the good records
-    log.append(deltas[-1])
-    log.close()
-    assert [d.version for d in read_log(tmp_path / LOG_FILE)[0]] == [11, 12, 13]
-
-
-def test_zero_filled_tail_is_a_torn_write(tmp_path):
-    _, data = log_with(tmp_path, 2)
-    (tmp_path / LOG_FILE).write_bytes(data + bytes(300))
-    back, end = read_log(tmp_path / LOG_FILE)
-    assert len(back) == 2 and end == len(data)
-
-
-def test_corruption_before_the_tail_fails_the_cache(tmp_path):
-    deltas, data = log_with(tmp_path, 3)
-    damaged = bytearray(data)
-    damaged[len(encode_record(deltas[0])) // 2] ^= 0xFF  # inside the first record: not a torn append
-    (tmp_path / LOG_FILE).write_bytes(bytes(damaged))
-    with pytest.raises(CacheError, match="corrupt record at byte 0"):
-        read_log(tmp_path / LOG_FILE)
-
-
-def test_missing_log_is_empty(tmp_path):
-    assert read_log(tmp_path / LOG_FILE) == ([], 0)
-
-
-def test_records_are_self_describing_json_and_raw_bytes(tmp_path):
-    deltas, data = log_with(tmp_path, 1)
-    assert (
-        data[:4] == b"TTD1"
-        and b'"version": 11' in data
-        and json.dumps(deltas[0].upsert_attributes) in data.decode("latin-1")
-    )
 
 
 def test_parquet_items_file(tmp_path):

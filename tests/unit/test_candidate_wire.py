@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from candidate_service.corpus import SnapshotPart
 from candidate_service.store import CorpusStore, Delta
+from candidate_service.watch import SnapshotPart
 from candidate_service.wire import delta_event, snapshot_event
 from shared import codec
 
