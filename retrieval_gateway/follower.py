@@ -51,7 +51,7 @@ class SnapshotAssembler:
         self.next_chunk = 0
         self.post_ids = np.zeros(self.total, np.int64)
         self.author_ids = np.zeros(self.total, np.int64)
-        self._attributes = AttributeColumnBuilder()
+        self._attributes = AttributeColumnBuilder(self.total)
         self.embeddings: torch.Tensor | None = None  # [total, D] in `dtype`, allocated from the first rows
 
     def add(self, chunk: candidate_tower_pb2.SnapshotChunk) -> bool:

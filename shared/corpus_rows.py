@@ -55,6 +55,7 @@ _EMPTY_I64 = np.zeros(0, np.int64)
 _EMPTY_I64.flags.writeable = False  # shared by every empty column: a write to it is a bug
 _COMMA, _OPEN, _CLOSE = ord(","), ord("["), ord("]")
 _GATHER_ROWS = 1 << 16  # rows gathered per numpy pass (bounds the int64 index temporaries)
+_BLOCK_BYTES = 64 << 20  # AttributeColumnBuilder's blocks: above glibc's largest mmap threshold (32 MiB)
 _ARENA_GARBAGE_FLOOR = 1 << 20
 # Growth by a quarter, not doubling: appends stay amortised O(1), and one upsert past a snapshot's
 # exact size costs 7 bytes per item of slack instead of 28 (the 64-byte budget holds after growth).
@@ -159,23 +160,74 @@ class AttributeColumn:
 
 class AttributeColumnBuilder:
     """Encodes attributes a batch at a time (e.g. one snapshot chunk), so that a large snapshot never
-    exists as one Python dict per item."""
+    exists as one Python dict per item. `rows`, when known (a snapshot announces its total), sizes the
+    offsets once instead of concatenating them at the end.
 
-    def __init__(self) -> None:
-        self._data: list[np.ndarray] = []
-        self._lengths: list[np.ndarray] = []
+    The bytes go into blocks of _BLOCK_BYTES: each is its own memory mapping (above glibc's largest
+    mmap threshold), committed as it is written and returned to the system when freed. `finish`
+    copies the blocks into one arena, freeing each once copied (or hands back the only block as it
+    is), so the arena is never held twice, nor left behind in the allocator's free lists."""
+
+    def __init__(self, rows: int | None = None) -> None:
+        self._offsets = None if rows is None else np.zeros(rows + 1, np.int64)
+        self._lengths: list[np.ndarray] = []  # per batch, when `rows` is not known
+        self._n = 0
+        self._blocks: list[np.ndarray] = []  # the last one is being filled
+        self._block_used = 0
+        self._total = 0
 
     def extend(self, attributes: Iterable[Attrs]) -> None:
         encoded = [encode_attributes(a) for a in attributes]
-        self._lengths.append(np.fromiter(map(len, encoded), np.int64, len(encoded)))
-        self._data.append(np.frombuffer(b"".join(encoded), np.uint8))
+        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+        if self._offsets is None:
+            self._lengths.append(lengths)
+        else:
+            if self._n + len(lengths) >= len(self._offsets):
+                raise ValueError(f"more than the {len(self._offsets) - 1} rows announced")
+            ends = self._offsets[self._n + 1 : self._n + 1 + len(lengths)]
+            np.cumsum(lengths, out=ends)
+            ends += self._total
+        self._n += len(lengths)
+        self._write(b"".join(encoded))
+
+    def _write(self, blob: bytes) -> None:
+        if not blob:
+            return
+        if not self._blocks or self._block_used + len(blob) > len(self._blocks[-1]):
+            if self._blocks:  # the unused tail of a full block was never committed
+                self._blocks[-1] = self._blocks[-1][: self._block_used]
+            self._blocks.append(np.empty(max(_BLOCK_BYTES, len(blob)), np.uint8))
+            self._block_used = 0
+        self._blocks[-1][self._block_used : self._block_used + len(blob)] = np.frombuffer(blob, np.uint8)
+        self._block_used += len(blob)
+        self._total += len(blob)
 
     def finish(self) -> AttributeColumn:
-        lengths = np.concatenate(self._lengths) if self._lengths else _EMPTY_I64
-        offsets = np.zeros(len(lengths) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        data = np.concatenate(self._data) if self._data else np.zeros(0, np.uint8)
-        self._data, self._lengths = [], []
+        if self._offsets is None:
+            lengths = np.concatenate(self._lengths) if self._lengths else _EMPTY_I64
+            offsets = np.zeros(len(lengths) + 1, np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+        elif self._n != len(self._offsets) - 1:
+            raise ValueError(f"{self._n} rows of the {len(self._offsets) - 1} announced")
+        else:
+            offsets = self._offsets
+        blocks = self._blocks
+        if blocks:
+            blocks[-1] = blocks[-1][: self._block_used]
+        if not blocks:
+            data = np.zeros(0, np.uint8)
+        elif len(blocks) == 1:
+            data = blocks[0]
+        else:
+            data = np.empty(self._total, np.uint8)
+            at = 0
+            for i in range(len(blocks)):
+                block, blocks[i] = blocks[i], None
+                data[at : at + len(block)] = block
+                at += len(block)
+                del block
+        self._offsets, self._lengths, self._n = None, [], 0  # let go of everything
+        self._blocks, self._block_used, self._total = [], 0, 0
         return AttributeColumn(data, offsets)
 
 
@@ -204,7 +256,7 @@ class _IdLookup:
 
     def set(self, ids: np.ndarray, rows: np.ndarray) -> None:
         """ids (unique) now map to rows (-1 = gone)."""
-        order = np.argsort(ids, kind="stable")
+        order = np.argsort(ids)  # unique ids: no stability needed
         ids, rows = ids[order], rows[order]
         pos = np.searchsorted(self.ov_ids, ids)
         known = pos < len(self.ov_ids)
@@ -294,7 +346,7 @@ class CorpusRows:
             )
         _check_ids(post_ids, "corpus rows")
         ids = _column(post_ids, copy)
-        order = np.argsort(ids, kind="stable")
+        order = np.argsort(ids)  # quicksort: in place, no n/2 temporary as a stable sort would need
         sorted_ids = ids[order]
         if n > 1 and (sorted_ids[1:] == sorted_ids[:-1]).any():
             first = int(sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]][0])
@@ -308,7 +360,8 @@ class CorpusRows:
         rows = cls(version, fingerprint, dim)
         rows._post_ids, rows._author_ids = ids, _column(author_ids, copy)
         rows._attr_start = column.offsets[:-1]  # a view: the column's offsets are ours now
-        rows._attr_len = np.diff(column.offsets).astype(np.int32)
+        rows._attr_len = np.empty(n, np.int32)  # no int64 temporary of n lengths
+        np.subtract(column.offsets[1:], column.offsets[:-1], out=rows._attr_len, casting="unsafe")
         rows._arena, rows._arena_used = column.data, len(column.data)
         rows._used = rows._live = n
         rows._lookup = _IdLookup(sorted_ids, order)

@@ -194,6 +194,27 @@ def test_attribute_encoding_round_trips_any_text():
     assert column.offsets[1] == column.offsets[0] == 0  # an empty map costs no bytes
 
 
+@pytest.mark.parametrize("announced", [False, True])
+def test_attribute_builder_spans_blocks_and_checks_the_announced_rows(announced):
+    batches = [[{"title": f"t{i}-{j}"} if (i + j) % 3 else None for j in range(7)] for i in range(5)]
+    flat = [a or {} for batch in batches for a in batch]
+    with mock.patch.object(corpus_rows, "_BLOCK_BYTES", 40):  # several blocks, one batch larger than a block
+        builder = corpus_rows.AttributeColumnBuilder(len(flat) if announced else None)
+        for batch in batches:
+            builder.extend(batch)
+        assert len(builder._blocks) > 1
+        column = builder.finish()
+    assert len(column) == len(flat) and column.decode() == flat
+    assert builder.finish().decode() == []  # it let go of everything
+    if announced:
+        short = corpus_rows.AttributeColumnBuilder(3)
+        short.extend([{}])
+        with pytest.raises(ValueError, match="1 rows of the 3"):
+            short.finish()
+        with pytest.raises(ValueError, match="more than the 3"):
+            corpus_rows.AttributeColumnBuilder(3).extend([{}] * 4)
+
+
 def test_memory_per_item_within_budget():
     # The budget: at most 64 bytes per item beyond the embeddings, plus the attribute bytes.
     n = 100_000
