@@ -142,10 +142,13 @@ def build_corpus(
     missing = np.flatnonzero(rows < 0)
     up_to_date = cached is not None and cached.version == version and len(cached) == len(items)
     up_to_date = up_to_date and not missing.size
-    embeddings = np.empty((len(items), encoder.dim), dtype=np.float32)  # [n, D]
-    if cached is not None:
-        hit = rows >= 0
-        embeddings[hit] = cached.embeddings[rows[hit]]
+    if cached is not None and np.array_equal(rows, np.arange(len(items))):
+        embeddings = cached.embeddings  # [n, D], already in store order: no copy
+    else:
+        embeddings = np.empty((len(items), encoder.dim), dtype=np.float32)  # [n, D]
+        if cached is not None:
+            hit = rows >= 0
+            embeddings[hit] = cached.embeddings[rows[hit]]
     if missing.size:
         logger.info("encoding %d of %d items with model %s (%s, corpus version %d)",
                     missing.size, len(items), fingerprint, why, version)  # fmt: skip

@@ -207,7 +207,8 @@ class CorpusStore:
         self._author_ids[lo:hi] = author_ids
         self._embeddings[lo:hi] = embeddings
         self._live[lo:hi] = True
-        self._attr_bytes[lo:hi] = [attribute_bytes(a) for a in attributes]
+        empty = attribute_bytes(None)  # most rows: no call per row (a 1M-item start saves ~1 s)
+        self._attr_bytes[lo:hi] = [attribute_bytes(a) if a else empty for a in attributes]
         self._attributes.extend(attributes)
         self._row_of.update(zip(post_ids.tolist(), range(lo, hi), strict=True))
         self._size = hi
