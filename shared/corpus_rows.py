@@ -25,7 +25,8 @@ before growing, so row order is not insertion order. `version` moves only throug
 Memory (why not dicts): a Python dict id -> row plus one dict per item's attributes cost ~525 bytes
 per item beyond the matrix (1.32 GiB for 2M items with a 0.24 GiB bf16 matrix). Here an item costs
 44 bytes plus its encoded attributes: post id, author id (8 + 8), attribute offset and length (8 + 4),
-and the lookup's sorted id and row (8 + 8).
+and the lookup's sorted id and row (8 + 8). bench/memory_bench.py, 10M x 64 bf16 with short titles:
+75 bytes of RSS per item beyond the matrix, 30 of them the encoded titles (the dict design: 476).
 
 - id -> row is a sorted base (ids, rows), searched with np.searchsorted, plus a small sorted overlay
   of the ids changed since (row -1 = deleted). A delta touches only the overlay (O(overlay) memmove);
