@@ -129,8 +129,11 @@ def run_corpus(corpus: e2e_corpus.Corpus, args: argparse.Namespace, workdir: Pat
     print(f"\n== {corpus.description}", flush=True)
     payloads = [r.SerializeToString() for r in corpus.requests]
     logs = workdir / "logs" / corpus.name
+    # One store and cache per corpus (its items file's folder names it, size and seed included): the item
+    # store is the corpus of record, so two corpora must never share one.
+    cache = workdir / "cache" / corpus.items.parent.name
     candidate = ServiceProcess("candidate_service", ["--checkpoint", str(corpus.checkpoint), "--items",
-                               str(corpus.items), "--cache-dir", str(workdir / "cache")], logs)  # fmt: skip
+                               str(corpus.items), "--cache-dir", str(cache)], logs)  # fmt: skip
     user = ServiceProcess(
         "user_service",
         [
