@@ -14,10 +14,19 @@ from pathlib import Path
 from shared.model.init_checkpoint import parse_overrides
 from shared.server.logs import configure_logging
 from training.data import WHEEL_FILENAME, DataError, fetch_wheel, load_from_dir, load_from_wheel
-from training.pipeline import MOVIELENS_TOWER, run
+from training.pipeline import DEFAULT_SEEDS, MOVIELENS_TOWER, SASREC, run
 from training.train import TrainConfig
 
 DEFAULT_CACHE_DIR = ".cache/recbole"
+DEFAULT_RUNS_CACHE = ".cache/runs"
+
+
+def _parse_value(kind: type, raw: str):
+    if kind is bool:  # bool("false") is True
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, got {raw!r}")
+        return raw.lower() in ("true", "1")
+    return kind(raw)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="read <name>.{inter,item,user} from here instead of the wheel")
     parser.add_argument("--data-name", default="ml-100k", help="file stem inside --data-dir")
     parser.add_argument("--epochs", type=int, default=TrainConfig.max_epochs, help="maximum epochs")
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="the served model's seed")
+    parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+                        help="seeds behind the mean ± std (the served one, then seed+1, ...)")  # fmt: skip
+    parser.add_argument("--runs-cache", default=DEFAULT_RUNS_CACHE,
+                        help="cache of the extra seeds' and SASRec's metrics ('' = none)")  # fmt: skip
+    parser.add_argument("--no-sasrec", action="store_true", help="leave the SASRec baseline out")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a TowerConfig field, e.g. --set emb_dim=32")  # fmt: skip
     parser.add_argument("--train-set", action="append", default=[], metavar="FIELD=VALUE",
@@ -49,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             key, sep, raw = pair.partition("=")
             if not sep or key not in train_fields:
                 raise ValueError(f"--train-set expects FIELD=VALUE with FIELD one of {sorted(train_fields)}")
-            overrides[key] = type(getattr(TrainConfig(), key))(raw)
+            overrides[key] = _parse_value(type(getattr(TrainConfig(), key)), raw)
+        if args.seeds < 1:
+            raise ValueError("--seeds must be >= 1")
         cfg = TrainConfig(**{**overrides, "max_epochs": args.epochs, "seed": args.seed})
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
@@ -61,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    run(data, args.out, tower, cfg, progress=not args.no_progress)
+    run(
+        data, args.out, tower, cfg, progress=not args.no_progress, seeds=args.seeds,
+        cache_dir=args.runs_cache or None, sasrec=None if args.no_sasrec else SASREC,
+    )  # fmt: skip
     return 0
 
 

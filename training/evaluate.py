@@ -64,6 +64,11 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
     return out
 
 
+def selection_score(metrics: dict[str, float]) -> float:
+    """What early stopping and every validation choice maximise: the four reported columns, equally."""
+    return float(np.mean([metrics[f"recall@{k}"] for k in EVAL_KS] + [metrics[f"ndcg@{NDCG_K}"]]))
+
+
 @dataclass(frozen=True)
 class Catalog:
     """The ranked corpus: every movie, row i <-> post_ids[i] (sorted)."""
@@ -173,4 +178,15 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     for split_name, by_scorer in results.items():
         for scorer, metrics in by_scorer.items():
             lines.append(f"{split_name:<11}{scorer:<12}" + "".join(f"{metrics[n]:>11.4f}" for n in names))
+    return "\n".join(lines)
+
+
+def format_spread_table(spreads: dict[str, dict[str, dict[str, dict[str, float]]]]) -> str:
+    """spreads[split][scorer][metric] -> {"mean", "std"}; one row per (split, scorer)."""
+    names = [f"recall@{k}" for k in EVAL_KS] + [f"ndcg@{NDCG_K}"]
+    lines = [f"{'split':<11}{'model':<12}" + "".join(f"{n:>18}" for n in names)]
+    for split_name, by_scorer in spreads.items():
+        for scorer, metrics in by_scorer.items():
+            cells = "".join(f"{metrics[n]['mean']:>10.4f} ± {metrics[n]['std']:.4f}" for n in names)
+            lines.append(f"{split_name:<11}{scorer:<12}" + cells)
     return "\n".join(lines)

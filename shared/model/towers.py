@@ -66,6 +66,18 @@ class UserTower(nn.Module):
         return self.action_proj(signed) * any_action.to(signed.dtype)
 
     def forward(self, tables: EmbeddingTables, f: UserFeatures) -> torch.Tensor:
+        x, valid = self.hidden_states(tables, f)
+        weights = valid.to(x.dtype).unsqueeze(-1)  # [B, 1+S, 1]
+        pooled = (x * weights).sum(dim=1) / weights.sum(dim=1)  # [B, D]: user token included
+        return F.normalize(pooled.float(), dim=-1, eps=1e-12).to(x.dtype)
+
+    def hidden_states(self, tables: EmbeddingTables, f: UserFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final-normed sequence before pooling: x [B, 1+S, D] and its validity mask [B, 1+S].
+
+        With causal attention, x[:, t] depends on positions <= t only, so the mean of x[:, : t + 1]
+        over valid positions is exactly what `forward` returns for the history cut after event t:
+        training reads every prefix's embedding from one pass (dense next-item supervision).
+        """
         dtype = self.user_proj.weight.dtype
         user_parts = [tables.user(f.user_hashes)]  # [B, Hu*D]
         if tables.user_feature is not None:
@@ -88,11 +100,7 @@ class UserTower(nn.Module):
         rope = rotary_tables(x.shape[1], self.cfg.head_dim, self.cfg.rope_base, x.device)
         for block in self.blocks:
             x = block(x, valid, rope)
-        x = self.final_norm(x)
-
-        weights = valid.to(x.dtype).unsqueeze(-1)  # [B, 1+S, 1]
-        pooled = (x * weights).sum(dim=1) / weights.sum(dim=1)  # [B, D]: user token included
-        return F.normalize(pooled.float(), dim=-1, eps=1e-12).to(dtype)
+        return self.final_norm(x), valid
 
 
 class CandidateTower(nn.Module):

@@ -21,6 +21,7 @@ from training.dataset import build_timelines, split, training_examples
 from training.evaluate import Catalog, ModelScorer, evaluate
 from training.export import HISTORIES_FILE, ITEMS_FILE, METRICS_FILE
 from training.pipeline import run
+from training.sasrec import SASRecConfig
 from training.train import (
     Temperature,
     TrainConfig,
@@ -32,8 +33,9 @@ from training.train import (
 )
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "synthetic"
-TINY_TOWER = TowerConfig(**TINY, num_user_features=3, user_feature_vocab_size=31)
+TINY_TOWER = TowerConfig(**TINY, num_user_features=3, user_feature_vocab_size=31, causal=True)
 FAST = TrainConfig(max_epochs=2, patience=2, batch_size=32, learning_rate=5e-3)
+TINY_SASREC = SASRecConfig(max_len=8, dim=16, max_epochs=1, batch_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +100,11 @@ def test_training_is_reproducible_and_keeps_the_best_epoch(fixture_data):
 
 
 def test_train_config_limits():
-    for bad in ({"max_epochs": 0}, {"batch_size": 0}, {"learning_rate": 0.0}, {"temperature_init": 0.001}):
+    bad_values = (
+        {"max_epochs": 0}, {"batch_size": 0}, {"learning_rate": 0.0}, {"temperature_init": 0.001},
+        {"objective": "pointwise"}, {"targets": "some"}, {"dropout": 1.0},
+    )  # fmt: skip
+    for bad in bad_values:
         with pytest.raises(ValueError):
             TrainConfig(**bad)
 
@@ -106,10 +112,16 @@ def test_train_config_limits():
 def test_export_round_trip(tmp_path, fixture_data):
     data, s, catalog = fixture_data
     out = tmp_path / "artifacts"
-    metrics = run(data, out, TINY_TOWER, FAST, progress=False)
+    metrics = run(data, out, TINY_TOWER, FAST, progress=False, seeds=2, sasrec=TINY_SASREC)
     saved = json.loads((out / METRICS_FILE).read_text())
     assert saved["fingerprint"] == metrics["fingerprint"]
-    assert set(saved["results"]["test"]) == {"two-tower", "popularity", "item-kNN"}
+    models = {"two-tower", "SASRec", "EASE", "item-kNN", "popularity"}
+    assert set(saved["results"]["test"]) == set(saved["spread"]["validation"]) == models
+    assert [r["seed"] for r in saved["runs"]["two-tower"]] == [0, 1] and len(saved["runs"]["SASRec"]) == 2
+    spread = saved["spread"]["test"]["two-tower"]["recall@50"]
+    seeds = [r["test"]["recall@50"] for r in saved["runs"]["two-tower"]]
+    assert spread["mean"] == pytest.approx(np.mean(seeds)) and spread["std"] == pytest.approx(np.std(seeds))
+    assert saved["spread"]["test"]["EASE"]["ndcg@10"]["std"] == 0.0
     loaded = load_checkpoint(out / "checkpoint")
     assert loaded.fingerprint == saved["fingerprint"] and loaded.config == TINY_TOWER
     # the served checkpoint reproduces the recorded test numbers exactly
@@ -130,7 +142,9 @@ def test_export_round_trip(tmp_path, fixture_data):
     first = histories[1]["history"][0]
     assert set(first) == {"post_id", "actions", "timestamp_ms", "rating"} and "click" in first["actions"]
 
-    run(data, out, TINY_TOWER, FAST, progress=False)  # a second export replaces the first cleanly
+    run(
+        data, out, TINY_TOWER, FAST, progress=False, seeds=1, sasrec=None
+    )  # a second export replaces the first cleanly
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts"]
 
 
@@ -139,8 +153,10 @@ def test_cli_on_the_fixture(tmp_path, capsys):
         f"--set={k}={v}" for k, v in {**TINY, "num_user_features": 3, "user_feature_vocab_size": 31}.items()
     ]
     argv = ["--out", str(tmp_path / "a"), "--data-dir", str(FIXTURE), "--data-name", "synth", "--epochs", "1"]
+    fast = ["--seeds", "1", "--no-sasrec", "--runs-cache", "", "--train-set", "learn_temperature=false"]
     assert (
-        main([*argv, *sets, "--train-set", "batch_size=32", "--no-progress", "--log-level", "WARNING"]) == 0
+        main([*argv, *sets, *fast, "--train-set", "batch_size=32", "--no-progress", "--log-level", "WARNING"])
+        == 0
     )
     assert "item-kNN" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "a" / "checkpoint").config.emb_dim == TINY["emb_dim"]
@@ -148,5 +164,8 @@ def test_cli_on_the_fixture(tmp_path, capsys):
     # --if-missing leaves trained artifacts alone (the data dir does not even exist here)
     assert main([*argv[:2], "--data-dir", str(tmp_path / "nowhere"), "--if-missing"]) == 0
     assert "nothing to do" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main([*argv, "--train-set", "nope=1"])
+    saved = json.loads((tmp_path / "a" / METRICS_FILE).read_text())
+    assert saved["train_config"]["learn_temperature"] is False and "SASRec" not in saved["results"]["test"]
+    for bad in (["--train-set", "nope=1"], ["--train-set", "learn_temperature=maybe"], ["--seeds", "0"]):
+        with pytest.raises(SystemExit):
+            main([*argv, *bad])
