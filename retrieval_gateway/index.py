@@ -116,8 +116,8 @@ class _Corpus:
 
     def masked_rows(self) -> torch.Tensor | None:
         if self._masked is None:
-            free = self.rows.free_rows()
-            self._masked = torch.from_numpy(free).to(self.matrix.device)
+            # on the host: exact_topk splits it by chunk there (a device copy would cost a sync)
+            self._masked = torch.from_numpy(self.rows.free_rows())
         return self._masked if self._masked.numel() else None
 
     def reserve(self, needed: int) -> None:
@@ -228,9 +228,9 @@ class CorpusIndex:
                 found.append(by_author)
         if not found or not sum(f.size for f in found):
             return None
-        return (
-            torch.from_numpy(np.concatenate(qi)).to(self.device),
-            torch.from_numpy(np.concatenate(found)).to(self.device),
+        return (  # on the host, like masked_rows
+            torch.from_numpy(np.concatenate(qi)),
+            torch.from_numpy(np.concatenate(found)),
         )
 
     # ---- writing -------------------------------------------------------------------------------
