@@ -82,7 +82,8 @@ def _checksum(tensors: dict[str, np.ndarray]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
         digest.update(f"{name}|{tensors[name].dtype}|{tensors[name].shape}|".encode())
-        digest.update(memoryview(np.ascontiguousarray(tensors[name])).cast("B"))
+        # flat uint8 view, no copy; memoryview.cast refuses shapes with a zero (an empty corpus)
+        digest.update(np.ascontiguousarray(tensors[name]).reshape(-1).view(np.uint8).data)
     return digest.hexdigest()
 
 
