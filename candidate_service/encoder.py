@@ -43,9 +43,11 @@ class ItemEncoder:
         author_ids: np.ndarray,
         label: str = "",
         stop: threading.Event | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """[N] ids -> [N, D] float32 embeddings, row i for item i. `label` turns on progress logging;
-        setting `stop` abandons the work between batches (EncodingStopped)."""
+        setting `stop` abandons the work between batches (EncodingStopped); `progress(done)` is called
+        after each batch with the rows encoded so far."""
         post_ids = np.asarray(post_ids, dtype=np.int64)
         author_ids = np.asarray(author_ids, dtype=np.int64)
         validate_item_ids(post_ids, author_ids)  # once, up front: a bad id fails before any compute
@@ -63,6 +65,8 @@ class ItemEncoder:
                 now = time.perf_counter()
                 if self._on_encoded is not None:
                     self._on_encoded(hi - lo, now - t0)
+                if progress is not None:
+                    progress(hi)
                 if label and now - last_log >= PROGRESS_EVERY_S:
                     last_log = now
                     logger.info(

@@ -91,6 +91,11 @@ class ItemStore(Protocol):
 
     def meta(self, key: str) -> str | None: ...
 
+    def set_meta(self, values: Mapping[str, str]) -> None:
+        """Set these meta values in one transaction (the version does not move); durable when it
+        returns. On failure nothing is set (StorageFull, StorageUnavailable)."""
+        ...
+
     def commit(
         self,
         version: int,
@@ -270,6 +275,22 @@ class SqliteItemStore:
             self._rollback()
             raise
         self._version = version
+
+    def set_meta(self, values: Mapping[str, str]) -> None:
+        reserved = {"version", "created_version"} & set(values)
+        if reserved:  # moved only by commit(), with a change
+            raise ValueError(f"meta {sorted(reserved)} cannot be set directly")
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(_SET_META, list(values.items()))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise write_error(exc, self.path) from exc
+        except BaseException:
+            self._rollback()
+            raise
 
     def _rollback(self) -> None:
         """SQLite rolls back by itself after some errors (SQLITE_FULL, I/O errors), not after others."""

@@ -1,7 +1,8 @@
 """Loading and rebuilding the corpus (no grpc): the item store is the record, embeddings are derived.
 
-At start: open the item store (a corrupt or unreadable one stops the service: ItemStoreError), import
-the items file into it when it is new (or when asked: --import-items), load every item, then take
+At start: open the item store (a corrupt or unreadable one stops the service: ItemStoreError), load
+the model it records as active (active_model.py), import the items file into the store when it is
+new (or when asked: --import-items), load every item, then take
 each embedding from the model's cache file when its (post id, author id) is there and encode the
 rest: a missing, stale or corrupt cache costs encoding time, never an item. While serving, the cache
 is rewritten in the background once enough changes are not in it.
@@ -13,6 +14,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,26 +42,25 @@ StoreOpener = Callable[[Path], ItemStore]
 
 
 def open_item_store(config: CandidateConfig, opener: StoreOpener = SqliteItemStore.open) -> ItemStore:
-    """Open the store of record and bring the items file into it when that is what the config asks."""
+    """Open the store of record (ItemStoreError when it cannot be read: the service does not start)."""
     warn_about_old_cache_layout(config.cache_dir)
-    store = opener(config.item_store_path)
-    try:
-        if store.fresh:
-            if config.items is None:
-                raise ItemsFileError(
-                    f"the item store {store.location} is new and no items file was given to import: "
-                    "pass --items FILE (an empty file for an empty corpus)"
-                )
-            import_items(store, config.items)
-        elif config.import_items:
-            assert config.items is not None  # the config checks it
-            import_items(store, config.items)
-        elif config.items is not None:
-            describe_items_file(store, config.items)
-    except BaseException:
-        store.close()
-        raise
-    return store
+    return opener(config.item_store_path)
+
+
+def bring_in_items(store: ItemStore, config: CandidateConfig) -> None:
+    """Import the items file into the store when that is what the config asks, else say what it is."""
+    if store.fresh:
+        if config.items is None:
+            raise ItemsFileError(
+                f"the item store {store.location} is new and no items file was given to import: "
+                "pass --items FILE (an empty file for an empty corpus)"
+            )
+        import_items(store, config.items)
+    elif config.import_items:
+        assert config.items is not None  # the config checks it
+        import_items(store, config.items)
+    elif config.items is not None:
+        describe_items_file(store, config.items)
 
 
 def import_items(store: ItemStore, path: Path) -> None:
@@ -118,12 +119,27 @@ def changed_rows(
     return np.flatnonzero(~same)
 
 
-def build_corpus(
-    store: ItemStore, encoder: ItemEncoder, cache_dir: Path, stop: threading.Event | None = None
-) -> tuple[CorpusStore, int]:
-    """The in-memory corpus at the store's version, and the version the cache file holds afterwards."""
-    items = store.load()
-    version, fingerprint = store.version, encoder.fingerprint
+@dataclass
+class DerivedEmbeddings:
+    embeddings: np.ndarray  # [n, D] float32, row i for the i-th (post id, author id) asked for
+    from_cache: int  # rows taken from the model's cache file
+    cache_current: bool  # the cache file holds exactly these rows at the version asked for
+
+
+def derive_embeddings(
+    post_ids: np.ndarray,
+    author_ids: np.ndarray,
+    version: int,
+    encoder: ItemEncoder,
+    cache_dir: Path,
+    stop: threading.Event | None = None,
+    progress: Callable[[int], None] | None = None,
+    source: str = "the item store",
+) -> DerivedEmbeddings:
+    """The model's embedding of each item: from its cache file where (post id, author id) is there,
+    encoded otherwise (a missing, stale or corrupt cache costs encoding time, never an item).
+    `progress(done)` counts cached rows as done at once, then encoded rows as they come."""
+    fingerprint = encoder.fingerprint
     path = cache_file(cache_dir, fingerprint)
     remove_stale_temp_files(path.parent)
     cached, why = None, "no embeddings cache for this model yet"
@@ -133,41 +149,58 @@ def build_corpus(
     except FileNotFoundError:
         pass
     except CacheError as exc:
-        logger.warning("the embeddings cache is unusable (%s): rebuilding it from the item store %s "
-                       "(no item is lost: the store is the record)", exc, store.location)  # fmt: skip
+        logger.warning("the embeddings cache is unusable (%s): rebuilding it from %s "
+                       "(no item is lost: the store is the record)", exc, source)  # fmt: skip
         why = "the cache was unusable"
-    rows = np.full(len(items), -1, np.int64)
+    n = len(post_ids)
+    rows = np.full(n, -1, np.int64)
     if cached is not None:
-        rows = reusable_rows(cached, items.post_ids, items.author_ids)
+        rows = reusable_rows(cached, post_ids, author_ids)
     missing = np.flatnonzero(rows < 0)
-    up_to_date = cached is not None and cached.version == version and len(cached) == len(items)
-    up_to_date = up_to_date and not missing.size
-    if cached is not None and np.array_equal(rows, np.arange(len(items))):
-        embeddings = cached.embeddings  # [n, D], already in store order: no copy
+    current = cached is not None and cached.version == version and len(cached) == n and not missing.size
+    if cached is not None and np.array_equal(rows, np.arange(n)):
+        embeddings = cached.embeddings  # [n, D], already in this order: no copy
     else:
-        embeddings = np.empty((len(items), encoder.dim), dtype=np.float32)  # [n, D]
+        embeddings = np.empty((n, encoder.dim), dtype=np.float32)  # [n, D]
         if cached is not None:
             hit = rows >= 0
             embeddings[hit] = cached.embeddings[rows[hit]]
+    del cached  # the cache file's copy: freed before the caller copies the rows
+    hits = n - missing.size
+    if progress is not None:
+        progress(hits)
     if missing.size:
         logger.info("encoding %d of %d items with model %s (%s, corpus version %d)",
-                    missing.size, len(items), fingerprint, why, version)  # fmt: skip
+                    missing.size, n, fingerprint, why, version)  # fmt: skip
         embeddings[missing] = encoder.encode(
-            items.post_ids[missing], items.author_ids[missing], label="corpus", stop=stop
-        )
-    del cached  # the cache file's copy: free it before the corpus copies the rows
+            post_ids[missing], author_ids[missing], label=f"corpus ({fingerprint})", stop=stop,
+            progress=None if progress is None else (lambda done: progress(hits + done)),
+        )  # fmt: skip
+    return DerivedEmbeddings(embeddings, hits, current)
+
+
+def build_corpus(
+    store: ItemStore, encoder: ItemEncoder, cache_dir: Path, stop: threading.Event | None = None
+) -> tuple[CorpusStore, int]:
+    """The in-memory corpus at the store's version, and the version the cache file holds afterwards."""
+    items = store.load()
+    version, fingerprint = store.version, encoder.fingerprint
+    derived = derive_embeddings(
+        items.post_ids, items.author_ids, version, encoder, cache_dir, stop,
+        source=f"the item store {store.location}",
+    )  # fmt: skip
     corpus = CorpusStore.from_rows(
-        fingerprint, version, items.post_ids, items.author_ids, embeddings, items.attributes
+        fingerprint, version, items.post_ids, items.author_ids, derived.embeddings, items.attributes
     )
     cache_version = version
-    if not up_to_date and not save_cache(path, fingerprint, CachedEmbeddings(
-        version, items.post_ids, items.author_ids, embeddings,
-    )):  # fmt: skip
-        cache_version = -1
+    if not derived.cache_current:
+        fresh = CachedEmbeddings(version, items.post_ids, items.author_ids, derived.embeddings)
+        if not save_cache(cache_file(cache_dir, fingerprint), fingerprint, fresh):
+            cache_version = -1
     logger.info(
         "corpus of %d items at version %d from the item store %s; embeddings of model %s: %d from the "
         "cache, %d encoded", len(items), version, store.location, fingerprint,
-        len(items) - missing.size, missing.size,
+        derived.from_cache, len(items) - derived.from_cache,
     )  # fmt: skip
     return corpus, cache_version
 
@@ -218,6 +251,10 @@ class CacheRefresher:
             logger.exception("refreshing the embeddings cache failed; it is retried after the next change")
         finally:
             self._task = None
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None
 
     async def wait(self) -> None:
         """Shutdown: let a write in progress finish (it runs in a thread and cannot be cancelled)."""

@@ -33,3 +33,30 @@ def observe_encode(items: int, seconds: float) -> None:
     ENCODED_ITEMS.inc(items)
     if seconds > 0:
         ENCODE_THROUGHPUT.set(items / seconds)
+
+
+# Models and rollouts: which fingerprint is served (role="active") and which one a rollout encodes
+# (role="rollout_target", while it runs); the rollout's state (1 for the current one), progress and
+# the duration of each step of the last rollout.
+MODEL = Gauge("candidate_model_info", "Models held (1), by fingerprint and role", ["fingerprint", "role"])
+ROLLOUT_STATE = Gauge("candidate_rollout_state", "1 for the state the last rollout is in", ["state"])
+ROLLOUT_ITEMS_ENCODED = Gauge("candidate_rollout_items_encoded", "Items the new model has encoded")
+ROLLOUT_ITEMS_TOTAL = Gauge("candidate_rollout_items_total", "Items the new model has to encode")
+ROLLOUT_STEP_SECONDS = Gauge(
+    "candidate_rollout_step_seconds",
+    "Duration of each step of the last rollout (load, encode, catch_up, switch: the write path held)",
+    ["step"],
+)
+ROLLOUTS = Counter("candidate_rollouts_total", "Rollouts that ended, by outcome", ["outcome"])
+
+
+def set_models(active: str, target: str | None = None) -> None:
+    MODEL.clear()
+    MODEL.labels(active, "active").set(1)
+    if target:
+        MODEL.labels(target, "rollout_target").set(1)
+
+
+def set_rollout_state(state: str, states: list[str]) -> None:
+    for name in states:
+        ROLLOUT_STATE.labels(name).set(1 if name == state else 0)

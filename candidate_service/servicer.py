@@ -22,9 +22,7 @@ class CandidateTowerServicer(candidate_tower_pb2_grpc.CandidateTowerServicer):
 
     async def EncodeItems(self, request: pb.EncodeItemsRequest, context: grpc.aio.ServicerContext):
         post_ids, author_ids, _ = item_columns_from_proto(request.items, self.core.config.max_batch_items)
-        embeddings = await self.core.encode(post_ids, author_ids)
-        encoder = self.core.encoder
-        assert encoder is not None  # encode() raised NotReady otherwise
+        embeddings, encoder = await self.core.encode(post_ids, author_ids)
         return pb.EncodeItemsResponse(
             embeddings=codec.encode(embeddings),
             model=common_pb2.ModelInfo(fingerprint=encoder.fingerprint, embedding_dim=encoder.dim),
@@ -61,3 +59,12 @@ class CandidateTowerServicer(candidate_tower_pb2_grpc.CandidateTowerServicer):
                 yield (
                     wire.snapshot_event(event) if isinstance(event, SnapshotPart) else wire.delta_event(event)
                 )
+
+    async def StartRollout(self, request: pb.StartRolloutRequest, context: grpc.aio.ServicerContext):
+        return wire.rollout_status(await self.core.start_rollout(request.checkpoint))
+
+    async def GetRolloutStatus(self, request: pb.GetRolloutStatusRequest, context: grpc.aio.ServicerContext):
+        return wire.rollout_status(self.core.rollout_status())
+
+    async def AbortRollout(self, request: pb.AbortRolloutRequest, context: grpc.aio.ServicerContext):
+        return wire.rollout_status(await self.core.abort_rollout())

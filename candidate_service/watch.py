@@ -6,6 +6,10 @@ instead of a snapshot) and one bounded queue per watcher. Publishing never waits
 is full is marked overflowed and its queue dropped; it then needs a fresh snapshot. A slow watcher
 therefore costs the writers and the other watchers nothing. Each stream may cost a full snapshot, so
 their number is bounded (`max_watchers`): past it a new stream is refused with Overloaded.
+
+A model rollout `switch`es the hub to the new model's corpus: the ring (deltas of the old model) is
+dropped and every open stream gets a snapshot of the new corpus next, then its deltas: watchers
+follow the switch on the stream they have, without reconnecting.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class Watcher:
         self._max = max_queued
         self._wakeup = asyncio.Event()
         self.overflowed = False
+        self.switched = False  # the corpus changed model: a snapshot of the new one is due
         self.closed = False
 
     def offer(self, delta: Delta) -> None:
@@ -65,11 +70,20 @@ class Watcher:
         return len(self._queue)
 
     async def next(self) -> Delta | None:
-        """The next delta; None once overflowed (the caller sends a fresh snapshot and resets) or closed."""
-        while not self._queue and not self.overflowed and not self.closed:
+        """The next delta; None once overflowed or switched (the caller sends a fresh snapshot and
+        resets) or closed."""
+        while not self._queue and not self.overflowed and not self.switched and not self.closed:
             self._wakeup.clear()
             await self._wakeup.wait()
-        return None if self.overflowed or self.closed else self._queue.popleft()
+        if self.overflowed or self.switched or self.closed:
+            return None
+        return self._queue.popleft()
+
+    def switch(self) -> None:
+        """The corpus now has another model: the queued deltas (of the old one) are dropped."""
+        self._queue.clear()
+        self.switched = True
+        self._wakeup.set()
 
     def close(self) -> None:
         self.closed = True
@@ -79,11 +93,13 @@ class Watcher:
         """Start over after a fresh snapshot: deltas queued from now on are kept (those the snapshot
         already contains are skipped by version)."""
         self.overflowed = False
+        self.switched = False
 
 
 class WatchHub:
-    def __init__(self, version: int, ring_size: int, limits: WatchLimits) -> None:
-        self.version = version  # last published version
+    def __init__(self, corpus: CorpusStore, ring_size: int, limits: WatchLimits) -> None:
+        self.corpus = corpus  # what snapshots are taken of (replaced by `switch`)
+        self.version = corpus.version  # last published version
         self.limits = limits
         self._ring: deque[Delta] = deque(maxlen=ring_size)
         self._watchers: set[Watcher] = set()
@@ -99,6 +115,15 @@ class WatchHub:
         self.version = delta.version
         for watcher in self._watchers:
             watcher.offer(delta)
+
+    def switch(self, corpus: CorpusStore) -> None:
+        """Serve another model's corpus from now on (a rollout): every open stream gets its snapshot
+        next, then its deltas. The old model's deltas are dropped, so no stream can resume with them."""
+        self.corpus = corpus
+        self.version = corpus.version
+        self._ring.clear()
+        for watcher in self._watchers:
+            watcher.switch()
 
     def deltas_after(self, version: int) -> list[Delta] | None:
         """Every delta after `version` if the ring still has them all, else None (a snapshot is needed)."""
@@ -131,21 +156,22 @@ class WatchHub:
 
     @contextlib.contextmanager
     def watch(
-        self, corpus: CorpusStore, known_version: int, known_fingerprint: str
+        self, known_version: int, known_fingerprint: str
     ) -> Iterator[AsyncIterator[SnapshotPart | Delta]]:
         """Register a watcher now (Overloaded past the limit, before the caller sends anything) and give
         its events: a snapshot unless the watcher can continue with deltas, then every delta. The
         watcher is unregistered when the block exits, whether or not the events were read."""
         watcher = self.register()  # before deciding, so no delta published from now on is missed
         try:
-            yield self._events(watcher, corpus, known_version, known_fingerprint)
+            yield self._events(watcher, known_version, known_fingerprint)
         finally:
             self.unregister(watcher)
 
     async def _events(
-        self, watcher: Watcher, corpus: CorpusStore, known_version: int, known_fingerprint: str
+        self, watcher: Watcher, known_version: int, known_fingerprint: str
     ) -> AsyncIterator[SnapshotPart | Delta]:
-        backlog = self.deltas_after(known_version) if known_fingerprint == corpus.fingerprint else None
+        same_model = known_fingerprint == self.corpus.fingerprint
+        backlog = self.deltas_after(known_version) if same_model else None
         sent: int | None = None
         if backlog is not None:
             for delta in backlog:
@@ -158,8 +184,8 @@ class WatchHub:
                     raise Overloaded(
                         f"watcher fell behind {resyncs} times in a row; reconnect with known_version"
                     )
-                watcher.reset()
-                snap = await asyncio.to_thread(corpus.snapshot)
+                watcher.reset()  # then, with no await between, the corpus of the model serving now
+                snap = await asyncio.to_thread(self.corpus.snapshot)
                 for part in snapshot_parts(snap, self.limits.chunk_bytes):
                     yield part
                 metrics.SNAPSHOTS_SENT.inc()
@@ -168,6 +194,9 @@ class WatchHub:
             if watcher.closed:
                 return
             if delta is None:
+                if watcher.switched and not watcher.overflowed:  # a rollout, not a slow watcher
+                    sent = None
+                    continue
                 metrics.WATCHER_RESYNCS.inc()
                 resyncs, sent = resyncs + 1, None
                 continue

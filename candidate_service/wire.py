@@ -10,10 +10,12 @@ from __future__ import annotations
 from google.protobuf.message import Message
 
 from candidate_service.corpus import CorpusInfo
+from candidate_service.rollout import ModelRef, RolloutStatus
 from candidate_service.store import Attrs, Delta
 from candidate_service.watch import SnapshotPart
 from shared import codec
 from twotower.v1 import candidate_tower_pb2 as pb
+from twotower.v1 import common_pb2
 
 
 def add_attributes(msg: Message, field: str, attributes: list[Attrs]) -> None:
@@ -67,4 +69,23 @@ def corpus_info(info: CorpusInfo) -> pb.CorpusInfo:
         dtype=codec.DType.DTYPE_FLOAT32,
         version=info.version,
         fingerprint=info.fingerprint,
+    )
+
+
+def model_info(model: ModelRef | None) -> common_pb2.ModelInfo | None:
+    if model is None:
+        return None
+    return common_pb2.ModelInfo(fingerprint=model.fingerprint, embedding_dim=model.dim)
+
+
+def rollout_status(status: RolloutStatus) -> pb.RolloutStatus:
+    return pb.RolloutStatus(
+        state=pb.RolloutStatus.State.Value(status.state.value),
+        active=model_info(status.active),
+        target=model_info(status.target),
+        items_encoded=status.items_encoded,
+        items_total=status.items_total,
+        error=status.error,
+        switched_at_version=status.switched_at_version,
+        step_seconds=status.step_seconds,
     )

@@ -5,14 +5,16 @@ store in one transaction (durable when it returns), and only then applied in mem
 watchers, then acknowledged. A failed commit (disk full, I/O error) raises before anything in memory
 changes, so the version is neither skipped nor reused for published content, and the service goes on
 serving reads and taking later writes. One asyncio lock keeps versions consecutive; the blocking work
-under it runs in a worker thread.
+under it runs in a worker thread. A model rollout takes the same lock for its switch (`held`), and then
+hands the writer the new model's encoder and corpus (`switch_model`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,14 +53,14 @@ class CorpusWriter:
         corpus: CorpusStore,
         items: ItemStore,
         hub: WatchHub,
-        on_commit: Callable[[], None],
+        on_commit: Callable[[Delta], None],
     ) -> None:
         self.config = config
         self.encoder = encoder
         self.corpus = corpus
         self.items = items
         self.hub = hub
-        self._on_commit = on_commit  # gauges, cache refresh
+        self._on_commit = on_commit  # gauges, cache refresh, a rollout's record of changes
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -66,15 +68,18 @@ class CorpusWriter:
         self, post_ids: np.ndarray, author_ids: np.ndarray, attributes: list[Attrs]
     ) -> UpsertResult:
         # Encoded outside the lock (concurrent upserts encode in parallel); the encoder checks the ids.
-        embeddings = await asyncio.to_thread(self.encoder.encode, post_ids, author_ids)  # [N, D]
+        encoder = self.encoder
+        embeddings = await asyncio.to_thread(encoder.encode, post_ids, author_ids)  # [N, D]
         # Shielded: once started, a change is committed and published even if the caller goes away.
         return await asyncio.shield(
-            asyncio.ensure_future(self._upsert(post_ids, author_ids, embeddings, attributes))
+            asyncio.ensure_future(self._upsert(post_ids, author_ids, encoder, embeddings, attributes))
         )
 
-    async def _upsert(self, post_ids, author_ids, embeddings, attributes) -> UpsertResult:
+    async def _upsert(self, post_ids, author_ids, encoder, embeddings, attributes) -> UpsertResult:
         async with self._lock:
             self._check_open()
+            if encoder is not self.encoder:  # a rollout switched models meanwhile: never mix them
+                embeddings = await asyncio.to_thread(self.encoder.encode, post_ids, author_ids)
             delta, inserted = self.corpus.upsert_delta(post_ids, author_ids, embeddings, attributes)
             if delta.nbytes > self.config.max_delta_bytes:
                 raise InvalidInput(
@@ -126,11 +131,24 @@ class CorpusWriter:
 
         await asyncio.to_thread(commit_then_apply)
         self.hub.publish(delta)
-        self._on_commit()
+        self._on_commit(delta)
 
     def _check_open(self) -> None:
         if self._closed:
             raise NotReady("candidate_service is shutting down")
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """No change commits while inside (a rollout's switch); NotReady once shutting down. Every
+        change committed before entry has been applied, published and passed to `on_commit`."""
+        async with self._lock:
+            self._check_open()
+            yield
+
+    def switch_model(self, encoder: ItemEncoder, corpus: CorpusStore) -> None:
+        """From now on changes are encoded with `encoder` and applied to `corpus` (inside `held`)."""
+        assert self._lock.locked(), "switch_model outside held()"
+        self.encoder, self.corpus = encoder, corpus
 
     async def close(self) -> None:
         """Shutdown: changes in progress finish (commit and apply); later ones are refused."""

@@ -209,14 +209,12 @@ def test_corrupt_item_store_refuses_to_load_and_is_not_replaced(setup):
     data[:16] = b"not an sqlite db"
     store.write_bytes(bytes(data))
     core = CandidateCore(setup)
-    core.load_model()
     with pytest.raises(ItemStoreError, match=r"cannot be read .* never replaced"):
-        core.load_corpus()
-    assert store.read_bytes() == bytes(data) and not core.ready
+        core.load_model()  # the store is opened first: it records which model to serve
+    assert store.read_bytes() == bytes(data) and not core.ready and not core.model_ready
     core = CandidateCore(setup)  # the lock was released: a fixed store can be opened again
-    core.load_model()
     with pytest.raises(ItemStoreError, match="file is not a database"):
-        core.load_corpus()
+        core.load_model()
 
 
 def test_changed_items_file_is_not_applied_without_import(setup, caplog):
