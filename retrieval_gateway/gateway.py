@@ -123,6 +123,7 @@ class Gateway:
         if info is not None:
             metrics.CORPUS_VERSION.set(info.version)
             metrics.CORPUS_SIZE.set(info.size)
+            metrics.set_model(info.fingerprint)
         self._wake.set()
 
     def _on_batch(self, report: BatchReport) -> None:

@@ -41,3 +41,16 @@ MODEL_SWITCH_RETRIES = Counter(
     "twotower_gateway_model_switch_retries_total",
     "Retrieve calls restarted because the corpus moved to another model while they were in flight",
 )
+MODEL = Gauge(
+    "twotower_gateway_model_info", "Model of the corpus being served (1), by fingerprint", ["fingerprint"]
+)
+
+
+_model = [""]  # the fingerprint MODEL shows (the corpus changes far more often than its model)
+
+
+def set_model(fingerprint: str) -> None:
+    if fingerprint != _model[0]:
+        MODEL.clear()
+        MODEL.labels(fingerprint).set(1)
+        _model[0] = fingerprint

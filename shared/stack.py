@@ -102,6 +102,8 @@ def build(args: argparse.Namespace) -> list[Managed]:
     user = Managed("user_service", args.user_port, [
         py, "-m", "user_service", *common, "--port", str(args.user_port), "--checkpoint", args.checkpoint,
         "--device", args.device,
+        # the models it holds, recorded: `twotower rollout` needs it, and a restart keeps the rolled-out one
+        "--state-file", str(Path(args.cache_dir) / "user_service" / "state.json"),
     ], logs / "user_service.log")  # fmt: skip
     gateway = Managed("retrieval_gateway", args.gateway_port, [
         py, "-m", "retrieval_gateway", *common, "--port", str(args.gateway_port),

@@ -3,7 +3,7 @@ interceptor (`twotower_rpc_total{method, code}`); these add what only the batche
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from shared.batching import BatchReport
 
@@ -23,6 +23,18 @@ COMPUTE = Histogram(
     "Featurization + forward pass time of one batch",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
 )
+
+MODELS = Gauge(
+    "twotower_user_model_info",
+    'Models held (1), by fingerprint; default="true" for the one requests without a fingerprint get',
+    ["fingerprint", "default"],
+)
+
+
+def set_models(fingerprints: list[str], default: str) -> None:
+    MODELS.clear()
+    for fingerprint in fingerprints:
+        MODELS.labels(fingerprint, "true" if fingerprint == default else "false").set(1)
 
 
 def observe_batch(report: BatchReport) -> None:

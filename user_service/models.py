@@ -32,6 +32,7 @@ from shared.errors import (
     Overloaded,
     PreconditionFailed,
 )
+from user_service import metrics
 from user_service.encoder import ModelIdentity, UserEncoder
 
 logger = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ class ModelRegistry:
                 except OSError as exc:
                     raise NotReady(f"could not record the model change in {self.state_file}: {exc}") from None
             self._encoders, self._checkpoints, self._default = encoders, checkpoints, default
+            metrics.set_models(list(encoders), default)
 
     def _require_state_file(self) -> None:
         if self.state_file is None:
