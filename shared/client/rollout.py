@@ -150,25 +150,44 @@ def run_rollout(
 def _wait_encoded(
     candidate, status: Rollout, timeout_s: float, poll_s: float, call_timeout_s: float, report
 ) -> Rollout:
+    """Poll until the rollout ends. A status call that fails (a timeout, a brief network error) is
+    retried: giving up then would retire B from user_service while candidate_service may still switch
+    to it. Past `timeout_s` the rollout is aborted, unless it is already switching (then it ends DONE)."""
     deadline = time.monotonic() + timeout_s
-    last = -1
+    last, aborted = -1, False
     while status.state == Rollout.ENCODING:
-        if time.monotonic() > deadline:
-            candidate.AbortRollout(candidate_tower_pb2.AbortRolloutRequest(), timeout=call_timeout_s)
-            raise RolloutFailed(f"encoding took longer than {timeout_s} s; aborted")
+        if time.monotonic() > deadline and not aborted:
+            aborted = True
+            try:
+                status = candidate.AbortRollout(
+                    candidate_tower_pb2.AbortRolloutRequest(), timeout=call_timeout_s
+                )
+                continue
+            except grpc.RpcError as exc:  # switching already: too late to abort, it ends DONE
+                report(f"candidate_service: not aborted ({_why(exc)}); waiting for the rollout to end")
         if status.items_encoded != last:
             report(f"candidate_service: encoding with {status.target.fingerprint}: "
                    f"{status.items_encoded}/{status.items_total} items")  # fmt: skip
             last = status.items_encoded
         time.sleep(poll_s)
-        status = candidate.GetRolloutStatus(
-            candidate_tower_pb2.GetRolloutStatusRequest(), timeout=call_timeout_s
-        )
-    if status.state != Rollout.DONE:
+        try:
+            status = candidate.GetRolloutStatus(
+                candidate_tower_pb2.GetRolloutStatusRequest(), timeout=call_timeout_s
+            )
+        except grpc.RpcError as exc:
+            if time.monotonic() > deadline + call_timeout_s:
+                raise
+            report(f"candidate_service: no status ({_why(exc)}); retrying")
+    if status.state == Rollout.DONE:
+        return status
+    if aborted and status.state == Rollout.ABORTED:
+        raise RolloutFailed(f"encoding took longer than {timeout_s} s; aborted")
+    if status.state == Rollout.IDLE:
         raise RolloutFailed(
-            f"rollout {Rollout.State.Name(status.state)}: {status.error or 'no reason given'}"
+            f"candidate_service restarted during the rollout and serves {status.active.fingerprint}; "
+            "run the command again"
         )
-    return status
+    raise RolloutFailed(f"rollout {Rollout.State.Name(status.state)}: {status.error or 'no reason given'}")
 
 
 def _unload(users, indexes: Sequence[int], previous, fingerprint: str, timeout: float) -> None:
