@@ -59,6 +59,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, default=e("GATEWAY_MAX_WAIT_MS", "0"),
                    help="how long a batch waits for more queries after its first (0: batches form "
                         "from what queues while the previous batch runs)")  # fmt: skip
+    p.add_argument("--max-linger-ms", type=float, default=e("GATEWAY_MAX_LINGER_MS", "50"),
+                   help="longest a scoring batch stays open for requests still being encoded, at "
+                        "most a quarter of the last batch's compute; 0 = never "
+                        "(env GATEWAY_MAX_LINGER_MS)")  # fmt: skip
     p.add_argument("--max-queue", type=int, default=e("GATEWAY_MAX_QUEUE", "1024"),
                    help="queries waiting for scoring; beyond it calls get RESOURCE_EXHAUSTED")  # fmt: skip
     p.add_argument("--max-user-calls-in-flight", type=int, default=e("GATEWAY_MAX_USER_CALLS_IN_FLIGHT", "4"),
@@ -93,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_exclusions=args.max_exclusions,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
+        max_linger_ms=args.max_linger_ms,
         max_queue=args.max_queue,
         max_user_calls_in_flight=args.max_user_calls_in_flight,
         max_history_events=args.max_history_events,

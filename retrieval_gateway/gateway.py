@@ -58,6 +58,7 @@ class Gateway:
             name="gateway-user-encode",
             max_in_flight=config.max_user_calls_in_flight,
         )
+        self._last_scoring_s = 0.0  # compute time of the last scoring batch
         self.batcher: MicroBatcher[Query, SearchResult] = MicroBatcher(
             self.index.search,
             max_batch_size=config.max_batch_size,
@@ -65,6 +66,7 @@ class Gateway:
             max_queue=config.max_queue,
             on_batch=self._on_batch,
             name="gateway-scoring",
+            linger=self._scoring_linger,
         )
         self._wake = asyncio.Event()
         self.follower = CorpusFollower(
@@ -127,8 +129,19 @@ class Gateway:
         self._wake.set()
 
     def _on_batch(self, report: BatchReport) -> None:
+        self._last_scoring_s = report.compute_s
         metrics.BATCH_SIZE.observe(report.size)
         metrics.BATCH_COMPUTE.observe(report.compute_s)
+
+    def _scoring_linger(self) -> float:
+        """How long a scoring batch may wait for requests still being encoded. Without it, concurrent
+        requests split into cohorts that take turns on the matmul (on 1M items at c=32: mean batch 10
+        instead of ~30). A quarter of the last batch's compute, capped by --max-linger-ms, and nothing
+        when no request is on its way (a lone request never waits)."""
+        users = self.user_batcher
+        if not (users.batches_in_flight or users.queued):
+            return 0.0
+        return min(self.config.max_linger_ms / 1000.0, 0.25 * self._last_scoring_s)
 
     # ---- requests ------------------------------------------------------------------------------
     async def retrieve(

@@ -12,6 +12,10 @@ memory grow without bound.
 batch) more than one lets the next batch leave while a slow or stalled peer still holds the previous
 one, and lets one caller keep several replicas busy; the worker collects the next batch only once a
 slot is free, so batches grow while every slot is busy.
+
+`linger()` (optional) says how long a batch may stay open, beyond `max_wait_s`, for work known to be
+on its way: the gateway's scorer waits a little for requests still in the user-encoding stage, so that
+concurrent requests do not split into cohorts that alternate small batches on an expensive matmul.
 No grpc import: services map the errors through the interceptor.
 """
 
@@ -74,6 +78,7 @@ class MicroBatcher(Generic[T, R]):
         on_batch: Callable[[BatchReport], None] | None = None,
         name: str = "batcher",
         max_in_flight: int = 1,
+        linger: Callable[[], float] | None = None,
     ) -> None:
         """`process` gets 1..max_batch_size items and returns one result per item, in order; a result
         that is an exception instance fails only that item's caller."""
@@ -87,6 +92,7 @@ class MicroBatcher(Generic[T, R]):
         self._on_batch = on_batch
         self._name = name
         self.max_in_flight = max_in_flight
+        self._linger = linger  # seconds a batch may stay open beyond max_wait_s (see _collect)
         self._queue: asyncio.Queue[_Pending[T]] | None = None
         self._worker: asyncio.Task | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -159,14 +165,17 @@ class MicroBatcher(Generic[T, R]):
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         batch = [await self._queue.get()]
-        close_at = loop.time() + self.max_wait_s
+        opened = loop.time()
         while len(batch) < self.max_batch_size:
             try:
                 batch.append(self._queue.get_nowait())
                 continue
             except asyncio.QueueEmpty:
                 pass
-            remaining = close_at - loop.time()
+            # `linger` (re-read after every arrival) may hold the batch open longer while more work is
+            # known to be on its way, e.g. requests still in the stage before this one.
+            wait = max(self.max_wait_s, self._linger() if self._linger is not None else 0.0)
+            remaining = opened + wait - loop.time()
             if remaining <= 0:
                 break
             try:

@@ -235,3 +235,32 @@ def test_with_every_slot_busy_arrivals_form_one_batch():
 
     run(main())
     assert sizes == [1, 5]
+
+
+def test_linger_holds_a_batch_open_while_more_work_is_on_its_way():
+    upstream = {"busy": True}
+    sizes = []
+
+    def process(items):
+        sizes.append(len(items))
+        return items
+
+    async def main():
+        batcher = MicroBatcher(
+            process, max_batch_size=8, max_wait_s=0, linger=lambda: 5.0 if upstream["busy"] else 0.0
+        )
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.05)  # without linger, 0 would be computed alone by now
+        late = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0.05)
+        assert not first.done()
+        upstream["busy"] = False  # nothing more on its way: the batch closes at the next arrival check
+        last = asyncio.ensure_future(batcher.submit(3))
+        assert await asyncio.wait_for(asyncio.gather(first, *late, last), 2) == [0, 1, 2, 3]
+        alone = await asyncio.wait_for(batcher.submit(4), 2)  # nothing upstream: no wait at all
+        await batcher.stop()
+        return alone
+
+    assert run(main()) == 4
+    assert sizes == [4, 1]
