@@ -187,6 +187,7 @@ class Rollouts:
         logger.info("rollout from %s to %s (%s): encoding the corpus in the background; %s keeps serving",
                     active.fingerprint, encoder.fingerprint, checkpoint, active.fingerprint)  # fmt: skip
         metrics.set_models(active.fingerprint, encoder.fingerprint)
+        self._total = serving.corpus.num_items  # until the task takes its snapshot
         self._task = asyncio.ensure_future(self._run(encoder, checkpoint))
         return self.status()
 

@@ -80,7 +80,10 @@ class CorpusWriter:
             self._check_open()
             if encoder is not self.encoder:  # a rollout switched models meanwhile: never mix them
                 embeddings = await asyncio.to_thread(self.encoder.encode, post_ids, author_ids)
-            delta, inserted = self.corpus.upsert_delta(post_ids, author_ids, embeddings, attributes)
+            # In a thread: the corpus lock may be held by a snapshot copy (a new watcher, a rollout).
+            delta, inserted = await asyncio.to_thread(
+                self.corpus.upsert_delta, post_ids, author_ids, embeddings, attributes
+            )
             if delta.nbytes > self.config.max_delta_bytes:
                 raise InvalidInput(
                     f"upsert of {delta.nbytes} bytes (embeddings + attributes) exceeds the limit of "
@@ -104,7 +107,7 @@ class CorpusWriter:
     async def _delete(self, post_ids: np.ndarray) -> DeleteResult:
         async with self._lock:
             self._check_open()
-            delta, unknown = self.corpus.delete_delta(post_ids)
+            delta, unknown = await asyncio.to_thread(self.corpus.delete_delta, post_ids)
             if delta is None:
                 return DeleteResult(self.corpus.version, 0, unknown)
             await self._commit(delta)

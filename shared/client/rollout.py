@@ -154,7 +154,7 @@ def _wait_encoded(
     retried: giving up then would retire B from user_service while candidate_service may still switch
     to it. Past `timeout_s` the rollout is aborted, unless it is already switching (then it ends DONE)."""
     deadline = time.monotonic() + timeout_s
-    last, aborted = -1, False
+    last, last_t, aborted = -1, 0.0, False
     while status.state == Rollout.ENCODING:
         if time.monotonic() > deadline and not aborted:
             aborted = True
@@ -165,10 +165,14 @@ def _wait_encoded(
                 continue
             except grpc.RpcError as exc:  # switching already: too late to abort, it ends DONE
                 report(f"candidate_service: not aborted ({_why(exc)}); waiting for the rollout to end")
-        if status.items_encoded != last:
+        # a line per tenth of the corpus or per 10 s, not per poll: a large corpus takes minutes
+        step = max(1, status.items_total // 10)
+        if status.items_encoded != last and (
+            last < 0 or status.items_encoded >= last + step or time.monotonic() - last_t >= 10
+        ):
             report(f"candidate_service: encoding with {status.target.fingerprint}: "
                    f"{status.items_encoded}/{status.items_total} items")  # fmt: skip
-            last = status.items_encoded
+            last, last_t = status.items_encoded, time.monotonic()
         time.sleep(poll_s)
         try:
             status = candidate.GetRolloutStatus(

@@ -445,3 +445,42 @@ def test_not_ready_before_the_corpus_is_loaded(setup):
         run(core.encode(ids(1), ids(0)))
     with pytest.raises(NotReady), core.watch(0, ""):
         pass
+
+
+def test_a_write_waiting_for_the_corpus_lock_does_not_stall_the_event_loop(setup):
+    """A snapshot copy (a new watcher, a rollout, a cache write) holds the corpus lock for a while on a
+    large corpus: a write that needs the lock meanwhile waits in a worker thread, not on the loop."""
+    import threading
+
+    core = started(setup)
+    lock = core.corpus._lock
+    entered, release = threading.Event(), threading.Event()
+    timed_out = []
+    real = core.corpus.upsert_delta
+
+    def upsert_delta(*args):
+        entered.set()
+        return real(*args)
+
+    def hold() -> None:
+        with lock:
+            if not release.wait(10):  # only when the loop is stuck behind the lock
+                timed_out.append(True)
+
+    core.corpus.upsert_delta = upsert_delta
+    holder = threading.Thread(target=hold)
+
+    async def body():
+        holder.start()
+        while not lock.locked():
+            await asyncio.sleep(0.001)
+        write = asyncio.ensure_future(core.upsert(ids(4242), ids(1), [None]))
+        while not entered.is_set():  # the loop runs on while the write waits for the lock
+            await asyncio.sleep(0.001)
+        release.set()
+        return await write
+
+    up = run(body())
+    holder.join(15)
+    assert not timed_out and up.inserted == 1 and 4242 in core.corpus
+    close(core)
