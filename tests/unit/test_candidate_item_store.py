@@ -192,3 +192,21 @@ def test_the_file_is_marked_as_an_item_store_in_wal_mode(path):
     assert conn.execute("PRAGMA application_id").fetchone() == (APPLICATION_ID,)
     assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     conn.close()
+
+
+def test_set_meta_is_durable_leaves_the_version_and_fails_whole(path):
+    faults = StoreFaults()
+    store = faults.open(path)
+    version = store.version
+    store.set_meta({"active_checkpoint": "/ckpt/a", "active_fingerprint": "aaaa"})
+    assert store.version == version and store.fresh  # not a change of the corpus
+    faults.fail_next_commits("SQLITE_FULL")
+    with pytest.raises(StorageFull):
+        store.set_meta({"active_checkpoint": "/ckpt/b", "active_fingerprint": "bbbb"})
+    with pytest.raises(ValueError, match="cannot be set directly"):
+        store.set_meta({"version": "1"})
+    store.close()
+    again = SqliteItemStore.open(path)
+    assert (again.meta("active_checkpoint"), again.meta("active_fingerprint")) == ("/ckpt/a", "aaaa")
+    assert again.version == version
+    again.close()
