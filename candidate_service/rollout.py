@@ -160,6 +160,9 @@ class Rollouts:
         t0 = time.perf_counter()
         try:
             encoder = await asyncio.to_thread(self.load_encoder, checkpoint)
+        except asyncio.CancelledError:  # the caller went away (deadline): never leave a rollout "running"
+            self._end(RolloutState.ABORTED, "StartRollout was cancelled while the checkpoint loaded")
+            raise
         except CheckpointError as exc:
             raise PreconditionFailed(self._end(RolloutState.FAILED, f"checkpoint {checkpoint} cannot be "
                                                                     f"loaded: {exc}")) from None  # fmt: skip

@@ -363,6 +363,30 @@ def test_abort_stops_the_encoding_and_a_later_rollout_succeeds(config, checkpoin
     with_server(config, body)
 
 
+def test_a_start_whose_caller_gives_up_while_the_checkpoint_loads_is_not_left_running(config, checkpoint_b):
+    async def body(app, stub):
+        loading = threading.Event()
+        real = app.core.rollouts.load_encoder
+
+        def slow_load(checkpoint):
+            loading.wait(30)
+            return real(checkpoint)
+
+        app.core.rollouts.load_encoder = slow_load
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.StartRollout(pb.StartRolloutRequest(checkpoint=str(checkpoint_b)), timeout=0.5)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        status = await status_until(stub, lambda s: s.state != State.ENCODING, "ended")
+        assert status.state == State.ABORTED and "cancelled" in status.error
+        loading.set()
+        app.core.rollouts.load_encoder = real
+        await stub.StartRollout(pb.StartRolloutRequest(checkpoint=str(checkpoint_b)), timeout=30)
+        done = await status_until(stub, lambda s: s.state != State.ENCODING, "ended")
+        assert done.state == State.DONE, done.error
+
+    with_server(config, body)
+
+
 def test_a_failed_write_at_the_switch_leaves_a_serving_and_recorded(config, checkpoint_b):
     fp_a = load_checkpoint(config.checkpoint).fingerprint
     faults = StoreFaults()
