@@ -9,9 +9,10 @@ behind `twotower rollout`); the load goes on `--after-s` seconds after it. Every
 put in its phase (before / during / after the rollout); the services' RSS is sampled throughout (the
 gateway holds two corpora for a moment while it switches, candidate_service while it encodes).
 
-The item store and user_service's state file persist in the work directory, and both record the
-rolled-out model: a second run rolls back (B -> A). The target's embeddings cache is deleted first
-(unless --keep-target-cache), so the encode is that of a new model.
+The item store and user_service's state file persist in the work directory (apart from
+e2e_bench.py's), and both record the rolled-out model: a second run rolls back (B -> A). The
+target's embeddings cache is deleted first (unless --keep-target-cache), so the encode is that of a
+new model.
 
     .venv/bin/python bench/rollout_bench.py --quick               # 1M items, 10 s before, 5 s after
     .venv/bin/python bench/rollout_bench.py --items 200000
@@ -156,7 +157,9 @@ def run(args: argparse.Namespace) -> dict:
     corpus = e2e_corpus.synthetic(workdir, args.items, args.k)
     ckpt_b = model_b(corpus, seed=1)
     payloads = [r.SerializeToString() for r in corpus.requests]
-    cache = workdir / "cache" / corpus.items.parent.name
+    # Its own item store and caches: they record the rolled-out model, and e2e_bench.py, which serves
+    # the same corpus with model A and no user_service state file, must not find B there.
+    cache = workdir / "cache" / f"rollout_{corpus.items.parent.name}"
     logs = workdir / "logs" / "rollout"
     candidate = ServiceProcess("candidate_service", ["--checkpoint", str(corpus.checkpoint), "--items",
                                str(corpus.items), "--cache-dir", str(cache)], logs)  # fmt: skip
