@@ -66,7 +66,7 @@ def test_a_failed_status_call_is_retried_until_the_rollout_ends():
 
 def test_past_the_timeout_the_rollout_is_aborted():
     candidate = Candidate([], aborts=[status(Rollout.ABORTED, error="aborted by AbortRollout")])
-    with pytest.raises(RolloutFailed, match="took longer than 0.0 s; aborted"):
+    with pytest.raises(RolloutFailed, match=r"took longer than 0\.0 s; aborted"):
         wait(candidate, timeout_s=0.0)
     assert candidate.abort_calls == 1
 
