@@ -59,9 +59,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, default=e("GATEWAY_MAX_WAIT_MS", "0"),
                    help="how long a batch waits for more queries after its first (0: batches form "
                         "from what queues while the previous batch runs)")  # fmt: skip
-    p.add_argument("--max-linger-ms", type=float, default=e("GATEWAY_MAX_LINGER_MS", "50"),
-                   help="longest a scoring batch stays open for requests still being encoded, at "
-                        "most a quarter of the last batch's compute; 0 = never "
+    p.add_argument("--max-linger-ms", type=float, default=e("GATEWAY_MAX_LINGER_MS", "100"),
+                   help="longest a scoring batch stays open for requests on their way to it, at "
+                        "most half the last batch's compute; 0 = never "
                         "(env GATEWAY_MAX_LINGER_MS)")  # fmt: skip
     p.add_argument("--max-queue", type=int, default=e("GATEWAY_MAX_QUEUE", "1024"),
                    help="queries waiting for scoring; beyond it calls get RESOURCE_EXHAUSTED")  # fmt: skip

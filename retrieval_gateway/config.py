@@ -29,9 +29,9 @@ class GatewayConfig:
     max_history_events: int = DEFAULT_MAX_HISTORY_EVENTS
     max_batch_size: int = 32  # queries per matmul
     max_wait_ms: float = 0.0  # longest a query waits for others to join its batch (see user_service)
-    # Longest a scoring batch stays open for requests still in the user-encoding stage (at most a
-    # quarter of the last batch's compute; 0 = never): merges cohorts on expensive corpora.
-    max_linger_ms: float = 50.0
+    # Longest a scoring batch stays open for requests on their way to it (at most half the last
+    # batch's compute; 0 = never): merges cohorts of concurrent requests on expensive corpora.
+    max_linger_ms: float = 100.0
     max_queue: int = 1024  # queued queries beyond this are RESOURCE_EXHAUSTED at once
     # EncodeUsers calls to user_service in flight at once (each carries up to max_batch_size users)
     max_user_calls_in_flight: int = 4

@@ -35,6 +35,8 @@ from shared.errors import DeadlineExpired, NotReady, Overloaded
 
 logger = logging.getLogger(__name__)
 
+LINGER_POLL_S = 0.002  # how often a lingering batch re-reads linger()
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -172,16 +174,19 @@ class MicroBatcher(Generic[T, R]):
                 continue
             except asyncio.QueueEmpty:
                 pass
-            # `linger` (re-read after every arrival) may hold the batch open longer while more work is
-            # known to be on its way, e.g. requests still in the stage before this one.
-            wait = max(self.max_wait_s, self._linger() if self._linger is not None else 0.0)
-            remaining = opened + wait - loop.time()
+            # `linger` may hold the batch open longer while more work is known to be on its way (e.g.
+            # requests still in the stage before this one); it is re-read after every arrival and every
+            # LINGER_POLL_S, since what is on its way changes while the batch waits.
+            lingering = self._linger() if self._linger is not None else 0.0
+            remaining = opened + max(self.max_wait_s, lingering) - loop.time()
             if remaining <= 0:
                 break
+            step = remaining if lingering <= self.max_wait_s else min(remaining, LINGER_POLL_S)
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                batch.append(await asyncio.wait_for(self._queue.get(), step))
             except TimeoutError:
-                break
+                if step >= remaining:
+                    break
         return batch
 
     def _live(self, batch: list[_Pending[T]], now: float) -> list[_Pending[T]]:
