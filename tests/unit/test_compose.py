@@ -47,6 +47,14 @@ def test_gpu_override_commands_parse():
         assert svc["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
 
 
+def test_user_service_records_its_models_on_the_volume_so_rollouts_survive_a_restart():
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
+        command = _compose(name)["services"]["user_service"]["command"]
+        entry = importlib.import_module("user_service.__main__")
+        config = entry.config_from_args(entry.parse_args(command[3:]))
+        assert config.state_file is not None and str(config.state_file).startswith("/artifacts/"), name
+
+
 def test_gateway_points_at_the_towers_and_waits_for_health():
     services = _compose()["services"]
     gateway = services["retrieval_gateway"]
