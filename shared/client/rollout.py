@@ -82,7 +82,9 @@ def run_rollout(
                 _unload(users, loaded_here, previous, target, call_timeout_s)
                 raise RolloutFailed(f"user_service {address} cannot load {checkpoint}: {_why(exc)}") from None
             if target and status.loaded.fingerprint != target:
-                _unload(users, [*loaded_here, i], previous, status.loaded.fingerprint, call_timeout_s)
+                _unload(users, loaded_here, previous, target, call_timeout_s)  # what the others loaded
+                if status.loaded.fingerprint not in {m.fingerprint for m in previous[i].models}:
+                    _unload(users, [i], previous, status.loaded.fingerprint, call_timeout_s)
                 raise RolloutFailed(
                     f"user_service {address} read another model at {checkpoint} "
                     f"({status.loaded.fingerprint} != {target}): the services must see the same checkpoint"
@@ -99,11 +101,23 @@ def run_rollout(
             )
             status = _wait_encoded(candidate, status, encode_timeout_s, poll_s, call_timeout_s, report)
         except (grpc.RpcError, RolloutFailed) as exc:
-            _unload(users, loaded_here, previous, target, call_timeout_s)
             why = _why(exc) if isinstance(exc, grpc.RpcError) else str(exc)
-            raise RolloutFailed(
-                f"candidate_service did not switch to {target}: {why}; A still serves"
-            ) from None
+            # B may be retired from user_service only once candidate_service can no longer switch to
+            # it: a StartRollout that timed out here may be running there.
+            settled = _settle(candidate, call_timeout_s, poll_s)
+            if settled is not None and settled.state == Rollout.DONE and settled.active.fingerprint == target:
+                status = settled  # it switched after all: carry on
+            elif settled is not None and settled.state in _ENDED_WITHOUT_SWITCH:
+                _unload(users, loaded_here, previous, target, call_timeout_s)
+                raise RolloutFailed(
+                    f"candidate_service did not switch to {target}: {why}; A still serves"
+                ) from None
+            else:
+                raise RolloutFailed(
+                    f"candidate_service did not confirm the rollout's end ({why}); it may still switch to "
+                    f"{target}, so user_service keeps {target} loaded beside A: run the command again to "
+                    "finish, or roll back with A's checkpoint"
+                ) from None
         if status.active.fingerprint != target:
             _unload(users, loaded_here, previous, target, call_timeout_s)
             raise RolloutFailed(
@@ -192,6 +206,27 @@ def _wait_encoded(
             "run the command again"
         )
     raise RolloutFailed(f"rollout {Rollout.State.Name(status.state)}: {status.error or 'no reason given'}")
+
+
+_ENDED_WITHOUT_SWITCH = (Rollout.FAILED, Rollout.ABORTED, Rollout.IDLE)
+
+
+def _settle(candidate, call_timeout_s: float, poll_s: float, attempts: int = 3) -> Rollout | None:
+    """candidate_service's rollout state once it can no longer change by itself: an ENCODING rollout
+    is aborted first. None when candidate_service does not answer (the state is unknown)."""
+    status = None
+    for _ in range(attempts):
+        try:
+            status = candidate.GetRolloutStatus(
+                candidate_tower_pb2.GetRolloutStatusRequest(), timeout=call_timeout_s
+            )
+            if status.state != Rollout.ENCODING:
+                return status
+            candidate.AbortRollout(candidate_tower_pb2.AbortRolloutRequest(), timeout=call_timeout_s)
+        except grpc.RpcError:
+            pass
+        time.sleep(poll_s)
+    return None
 
 
 def _unload(users, indexes: Sequence[int], previous, fingerprint: str, timeout: float) -> None:

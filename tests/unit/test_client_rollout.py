@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from shared.client.rollout import Rollout, RolloutFailed, _wait_encoded
-from twotower.v1 import common_pb2
+from twotower.v1 import common_pb2, user_tower_pb2
 
 
 class Unavailable(grpc.RpcError):
@@ -89,3 +89,69 @@ def test_a_refused_abort_waits_for_the_switch_to_finish():
 def test_a_rollout_that_ends_otherwise_says_why(final, message):
     with pytest.raises(RolloutFailed, match=message):
         wait(Candidate([final]))
+
+
+# ---- run_rollout: what user_service keeps when the rollout stops early -----------------------------
+class FakeUsers:
+    def __init__(self, loads: str, held: tuple[str, ...] = ("a",)) -> None:
+        self.loads, self.held, self.unloaded = loads, held, []
+
+    def GetModels(self, request, timeout):
+        models = [common_pb2.ModelInfo(fingerprint=f) for f in self.held]
+        return user_tower_pb2.ModelsStatus(models=models, default_fingerprint=self.held[0])
+
+    def LoadModel(self, request, timeout):
+        return user_tower_pb2.ModelsStatus(loaded=common_pb2.ModelInfo(fingerprint=self.loads))
+
+    def UnloadModel(self, request, timeout):
+        self.unloaded.append(request.fingerprint)
+
+
+class FakeCandidate(Candidate):
+    def __init__(self, start, statuses: list, aborts: list | None = None) -> None:
+        super().__init__(statuses, aborts)
+        self.start = start
+
+    def StartRollout(self, request, timeout):
+        return self._next([self.start])
+
+
+def _drive(monkeypatch, users: list[FakeUsers], candidate: FakeCandidate) -> str:
+    import shared.client.rollout as rollout
+
+    class Channel:
+        def close(self) -> None:
+            pass
+
+    queue = list(users)
+    monkeypatch.setattr(rollout, "sync_channel", lambda *a, **k: Channel())
+    monkeypatch.setattr(rollout.user_tower_pb2_grpc, "UserTowerStub", lambda ch: queue.pop(0))
+    monkeypatch.setattr(rollout.candidate_tower_pb2_grpc, "CandidateTowerStub", lambda ch: candidate)
+    targets = rollout.RolloutTargets([f"u{i}:1" for i in range(len(users))], "c:1", [])
+    with pytest.raises(RolloutFailed) as info:
+        rollout.run_rollout("/ckpt", targets, poll_s=0.0, report=lambda line: None)
+    return str(info.value)
+
+
+def test_b_is_retired_only_once_candidate_service_cannot_switch_to_it(monkeypatch):
+    # StartRollout timed out here but runs there: abort it, and retire B only once it is ABORTED
+    users = FakeUsers("b")
+    statuses = [status(Rollout.ENCODING), status(Rollout.ABORTED)]
+    timed_out = Unavailable(grpc.StatusCode.DEADLINE_EXCEEDED)
+    candidate = FakeCandidate(timed_out, statuses, [status(Rollout.ABORTED)])
+    assert "A still serves" in _drive(monkeypatch, [users], candidate)
+    assert candidate.abort_calls == 1 and users.unloaded == ["b"]
+
+
+def test_b_stays_loaded_while_candidate_service_state_is_unknown(monkeypatch):
+    users = FakeUsers("b")
+    candidate = FakeCandidate(Unavailable(), [Unavailable()] * 3)
+    assert "run the command again" in _drive(monkeypatch, [users], candidate)
+    assert users.unloaded == []  # candidate_service may still switch to B
+
+
+def test_replicas_that_read_different_models_each_unload_what_they_loaded(monkeypatch):
+    first, second = FakeUsers("b"), FakeUsers("c")
+    message = _drive(monkeypatch, [first, second], FakeCandidate(None, []))
+    assert "must see the same checkpoint" in message
+    assert first.unloaded == ["b"] and second.unloaded == ["c"]
