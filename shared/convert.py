@@ -127,20 +127,20 @@ def user_batch_to_proto(contexts: Sequence[UserContext]) -> user_tower_pb2.UserB
 
 
 def user_batch_from_proto(
-    msg: user_tower_pb2.UserBatch, num_actions: int, max_history_events: int
+    msg: user_tower_pb2.UserBatch, num_actions: int, max_history_events: int, max_user_features: int
 ) -> list[UserContext]:
     """The inverse, checking the columns' shapes and the per-user limits (value ranges are checked
-    per user by `validate_user`, as for `users`)."""
+    per user by `validate_user`, as for `users`). Every count is bounded before it is summed, so no
+    sum can wrap around int64 and make hostile columns "fit"."""
     user_ids = codec.decode_numpy(msg.user_ids, "batch.user_ids", _I64, shape=(None,))
     b = user_ids.shape[0]
     lengths = codec.decode_numpy(msg.history_lengths, "batch.history_lengths", _I64, shape=(b,))
     counts = codec.decode_numpy(msg.user_feature_counts, "batch.user_feature_counts", _I64, shape=(b,))
     for name, values, high in (("history_lengths", lengths, max_history_events),
-                               ("user_feature_counts", counts, None)):  # fmt: skip
-        bad = np.flatnonzero((values < 0) | (values > high if high is not None else False))
+                               ("user_feature_counts", counts, max_user_features)):  # fmt: skip
+        bad = np.flatnonzero((values < 0) | (values > high))
         if bad.size:
-            limit = f"[0, {high}]" if high is not None else ">= 0"
-            raise InvalidInput(f"batch.{name}[{int(bad[0])}] = {int(values[bad[0]])}; must be {limit}")
+            raise InvalidInput(f"batch.{name}[{int(bad[0])}] = {int(values[bad[0]])}; must be in [0, {high}]")
     n = int(lengths.sum())
     columns = [
         codec.decode_numpy(getattr(msg, name), f"batch.{name}", _I64, shape=(n,))

@@ -17,10 +17,12 @@ message naming the file: the service never silently serves another model than th
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.atomic_file import atomic_write_text
@@ -29,9 +31,11 @@ from shared.errors import (
     InvalidInput,
     ModelMismatch,
     NotReady,
-    Overloaded,
     PreconditionFailed,
+    StorageFull,
+    StorageUnavailable,
 )
+from shared.model.checkpoint import declared_fingerprint
 from user_service import metrics
 from user_service.encoder import ModelIdentity, UserEncoder
 
@@ -40,19 +44,27 @@ logger = logging.getLogger(__name__)
 EncoderLoader = Callable[[str], UserEncoder]  # checkpoint dir -> loaded, warmed-up encoder (blocking)
 
 
+@dataclass(frozen=True)
+class _Held:
+    """What the registry holds, published as one object: a reader never sees half a change."""
+
+    encoders: dict[str, UserEncoder] = field(default_factory=dict)
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    default: str = ""
+
+
 class ModelRegistry:
     def __init__(self, max_models: int = 2, state_file: Path | None = None) -> None:
         self.max_models = max_models
         self.state_file = state_file
-        self._lock = threading.Lock()  # mutations; readers take the dict by reference
-        self._encoders: dict[str, UserEncoder] = {}
-        self._checkpoints: dict[str, str] = {}
-        self._default: str = ""
+        self._lock = threading.Lock()  # mutations; readers take `_held` by reference
+        self._held = _Held()
         self._started_with = ""
 
     # ---- reading (any thread, lock-free) --------------------------------------------------------
     def get(self, fingerprint: str = "") -> UserEncoder:
-        encoders, default = self._encoders, self._default
+        held = self._held
+        encoders, default = held.encoders, held.default
         if not default:
             raise NotReady("user tower is still loading; retry shortly")
         if not fingerprint:
@@ -71,7 +83,8 @@ class ModelRegistry:
 
     def identities(self) -> tuple[list[ModelIdentity], str]:
         """Every model held (default first) and the default's fingerprint."""
-        encoders, default = self._encoders, self._default
+        held = self._held
+        encoders, default = held.encoders, held.default
         order = sorted(encoders, key=lambda fp: (fp != default, fp))
         return [encoders[fp].identity for fp in order], default
 
@@ -114,20 +127,21 @@ class ModelRegistry:
         """Load a checkpoint beside the models held (blocking). Loading one already held is a no-op."""
         self._require_state_file()
         default = self.default
+        held = self._held
+        declared = declared_fingerprint(checkpoint)
+        if declared in held.encoders:  # already held (a rerun rollout): nothing to load
+            return held.encoders[declared].identity
+        self._require_room(held)  # before loading: a model past the limit never takes the memory
         encoder = load(checkpoint)
         fp = encoder.identity.fingerprint
-        if fp in self._encoders:
-            return self._encoders[fp].identity
+        if fp in self._held.encoders:
+            return self._held.encoders[fp].identity
         if encoder.identity.embedding_dim != default.identity.embedding_dim:
             raise ModelMismatch(
                 f"checkpoint {checkpoint} makes D={encoder.identity.embedding_dim} embeddings but the "
                 f"default model makes D={default.identity.embedding_dim}: a rollout must keep the width"
             )
-        if len(self._encoders) >= self.max_models:
-            raise Overloaded(
-                f"user_service already holds {len(self._encoders)} models (--max-models "
-                f"{self.max_models}): unload one first"
-            )
+        self._require_room(self._held)
         self._install(encoder, checkpoint, make_default=False)
         return encoder.identity
 
@@ -136,7 +150,8 @@ class ModelRegistry:
         self.get(fingerprint)  # ModelMismatch when not held
         if not fingerprint:
             raise InvalidInput("fingerprint is required")
-        self._commit(self._encoders, self._checkpoints, fingerprint)
+        held = self._held
+        self._commit(held.encoders, held.checkpoints, fingerprint)
         logger.info("default model is now %s", fingerprint)
 
     def unload(self, fingerprint: str) -> None:
@@ -144,19 +159,29 @@ class ModelRegistry:
         if not fingerprint:
             raise InvalidInput("fingerprint is required")
         self.get(fingerprint)
-        if fingerprint == self._default:
-            raise InvalidInput(f"model {fingerprint} is the default: make another model the default first")
-        encoders = {fp: e for fp, e in self._encoders.items() if fp != fingerprint}
-        checkpoints = {fp: c for fp, c in self._checkpoints.items() if fp != fingerprint}
-        self._commit(encoders, checkpoints, self._default)
+        held = self._held
+        if fingerprint == held.default:
+            raise PreconditionFailed(
+                f"model {fingerprint} is the default: make another model the default first"
+            )
+        encoders = {fp: e for fp, e in held.encoders.items() if fp != fingerprint}
+        checkpoints = {fp: c for fp, c in held.checkpoints.items() if fp != fingerprint}
+        self._commit(encoders, checkpoints, held.default)
         logger.info("model %s unloaded", fingerprint)
 
     # ---- internals ----------------------------------------------------------------------------------
     def _install(self, encoder: UserEncoder, checkpoint: str, make_default: bool) -> None:
-        fp = encoder.identity.fingerprint
-        encoders = {**self._encoders, fp: encoder}
-        checkpoints = {**self._checkpoints, fp: checkpoint}
-        self._commit(encoders, checkpoints, fp if make_default or not self._default else self._default)
+        fp, held = encoder.identity.fingerprint, self._held
+        encoders = {**held.encoders, fp: encoder}
+        checkpoints = {**held.checkpoints, fp: checkpoint}
+        self._commit(encoders, checkpoints, fp if make_default or not held.default else held.default)
+
+    def _require_room(self, held: _Held) -> None:
+        if len(held.encoders) >= self.max_models:
+            raise PreconditionFailed(
+                f"user_service already holds {len(held.encoders)} models (--max-models "
+                f"{self.max_models}): unload one first"
+            )
 
     def _commit(self, encoders: dict[str, UserEncoder], checkpoints: dict[str, str], default: str) -> None:
         """Record the new state durably, then publish it (by reference: readers never see a half-built
@@ -168,8 +193,10 @@ class ModelRegistry:
                 try:
                     atomic_write_text(self.state_file, json.dumps(state, indent=2) + "\n")
                 except OSError as exc:
-                    raise NotReady(f"could not record the model change in {self.state_file}: {exc}") from None
-            self._encoders, self._checkpoints, self._default = encoders, checkpoints, default
+                    why = f"could not record the model change in {self.state_file}: {exc}"
+                    full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+                    raise (StorageFull(why) if full else StorageUnavailable(why)) from None
+            self._held = _Held(encoders, checkpoints, default)
             metrics.set_models(list(encoders), default)
 
     def _require_state_file(self) -> None:

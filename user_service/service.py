@@ -76,13 +76,14 @@ class EncodingService:
             raise InvalidInput(f"{n} users in one call; the limit is {self.max_users_per_call}")
 
     async def encode(
-        self, contexts: Sequence[UserContext], deadline: float | None = None, fingerprint: str = ""
+        self, contexts: Sequence[UserContext], deadline: float | None = None, model: str | UserEncoder = ""
     ) -> tuple[torch.Tensor, ModelIdentity]:
-        """Validated contexts -> ([n, D] embeddings, the model that made them): the model of this
-        fingerprint (ModelMismatch when not held), or the default model.
+        """Validated contexts -> ([n, D] embeddings, the model that made them). `model`: the encoder
+        the contexts were validated against, or a fingerprint (ModelMismatch when not held), or "" for
+        the default model.
 
         `deadline` is in `loop.time()` seconds: a user still queued then is dropped, not computed."""
-        encoder = self.models.get(fingerprint)
+        encoder = model if isinstance(model, UserEncoder) else self.models.get(model)
         self.check_call_size(len(contexts))
         if self._batcher.queued + len(contexts) > self._batcher.max_queue:
             raise Overloaded(

@@ -11,6 +11,7 @@ from shared.convert import user_batch_from_proto, user_context_from_proto
 from shared.errors import InvalidInput
 from shared.model.features import UserContext, validate_user
 from twotower.v1 import common_pb2, user_tower_pb2, user_tower_pb2_grpc
+from user_service.encoder import UserEncoder
 from user_service.models import ModelControl
 from user_service.service import EncodingService
 
@@ -51,17 +52,19 @@ class UserTowerServicer(user_tower_pb2_grpc.UserTowerServicer):
     async def EncodeUsers(
         self, request: user_tower_pb2.EncodeUsersRequest, context: grpc.aio.ServicerContext
     ) -> user_tower_pb2.EncodeUsersResponse:
-        contexts = self._contexts(request)
+        encoder, contexts = self._contexts(request)
         remaining = context.time_remaining()  # seconds, None without a client deadline
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-        embeddings, model = await self._service.encode(contexts, deadline, request.model_fingerprint)
+        # the model the contexts were checked against (one lookup: a default switching meanwhile
+        # cannot validate with one model and encode with another)
+        embeddings, model = await self._service.encode(contexts, deadline, encoder)
         # fp32 servers answer DTYPE_FLOAT32, bf16 servers DTYPE_BFLOAT16 (the codec picks from the tensor).
         return user_tower_pb2.EncodeUsersResponse(
             embeddings=codec.encode(embeddings),
             model=common_pb2.ModelInfo(fingerprint=model.fingerprint, embedding_dim=model.embedding_dim),
         )
 
-    def _contexts(self, request: user_tower_pb2.EncodeUsersRequest) -> list[UserContext]:
+    def _contexts(self, request: user_tower_pb2.EncodeUsersRequest) -> tuple[UserEncoder, list[UserContext]]:
         """Every user is checked here, before it can join a batch: a bad call fails alone."""
         batch = request.batch if request.HasField("batch") else None
         if batch is not None and len(request.users):
@@ -73,7 +76,7 @@ class UserTowerServicer(user_tower_pb2_grpc.UserTowerServicer):
         encoder = self._service.models.get(request.model_fingerprint)
         cfg, limit = encoder.config, encoder.max_history_events
         if batch is not None:
-            contexts = user_batch_from_proto(batch, cfg.num_actions, limit)
+            contexts = user_batch_from_proto(batch, cfg.num_actions, limit, cfg.num_user_features)
         else:
             contexts = [
                 user_context_from_proto(msg, cfg.num_actions, limit, where=f"users[{i}]")
@@ -81,4 +84,4 @@ class UserTowerServicer(user_tower_pb2_grpc.UserTowerServicer):
             ]
         for i, ctx in enumerate(contexts):
             validate_user(ctx, cfg, limit, where=f"users[{i}]")
-        return contexts
+        return encoder, contexts

@@ -56,6 +56,15 @@ def save_checkpoint(model: TwoTowerModel, directory: str | Path) -> str:
     return fingerprint
 
 
+def declared_fingerprint(directory: str | Path) -> str | None:
+    """The fingerprint a checkpoint's config.json declares, without loading the weights (None when it
+    cannot be read). Only a hint: `load_checkpoint` verifies it against the weights."""
+    try:
+        return str(json.loads((Path(directory) / CONFIG_FILE).read_text())["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_checkpoint(directory: str | Path) -> LoadedModel:
     """Load and verify a checkpoint; raises CheckpointError with a clear message on any problem."""
     directory = Path(directory)

@@ -38,7 +38,9 @@ FP = "a1" * 8
 def request_users(request) -> list:
     """The users of an EncodeUsers call, sent as `users` or (by the gateway) as a columnar `batch`."""
     if request.HasField("batch"):
-        return user_batch_from_proto(request.batch, num_actions=19, max_history_events=1024)
+        return user_batch_from_proto(
+            request.batch, num_actions=19, max_history_events=1024, max_user_features=8
+        )
     return list(request.users)
 
 

@@ -266,9 +266,11 @@ BAD_INPUTS = {
                           "batch.action_bits[0] has bits outside the 19 actions"),
     "batch lengths": (_batch_request(_user(3), history_lengths=[4]), "batch.post_ids"),
     "batch history": (_batch_request(_user(3), history_lengths=[51]),
-                      "batch.history_lengths[0] = 51; must be [0, 50]"),
+                      "batch.history_lengths[0] = 51; must be in [0, 50]"),
     "batch surface": (_batch_request(_user(3), product_surfaces=[0, 16, 0]),
                       "users[0].history[1].product_surface 16 out of range"),
+    "batch feature counts wrap": (_batch_request(_user(3), _user(4), user_feature_counts=[2**62, -(2**62)]),
+                                  "batch.user_feature_counts[0] = 4611686018427387904; must be in [0, 0]"),
     "batch too many users": (_batch_request(*[_user(u) for u in range(1, 6)]),
                              "5 users in one call; the limit is 4"),
 }  # fmt: skip

@@ -19,7 +19,7 @@ from shared.server.bootstrap import ServerOptions
 from tests.conftest import TINY
 from twotower.v1 import common_pb2, user_tower_pb2, user_tower_pb2_grpc
 from user_service.config import UserServiceConfig
-from user_service.server import create_server
+from user_service.server import create_server, default_encoder_factory
 
 T = 60
 
@@ -88,7 +88,7 @@ def test_two_models_are_served_side_by_side_and_the_rollout_survives_a_restart(t
             assert unknown == grpc.StatusCode.FAILED_PRECONDITION
             # the default cannot go; after the switch the old one can
             busy = await _code(stub.UnloadModel(user_tower_pb2.ModelRef(fingerprint=fa), timeout=5))
-            assert busy == grpc.StatusCode.INVALID_ARGUMENT
+            assert busy == grpc.StatusCode.FAILED_PRECONDITION
             await stub.SetDefaultModel(user_tower_pb2.ModelRef(fingerprint=fb), timeout=5)
             status = await stub.UnloadModel(user_tower_pb2.ModelRef(fingerprint=fa), timeout=5)
             assert [m.fingerprint for m in status.models] == [fb]
@@ -152,7 +152,7 @@ def test_a_failed_state_write_fails_the_call_and_keeps_the_old_state(two_checkpo
 
             monkeypatch.setattr("user_service.models.atomic_write_text", disk_full)
             request = user_tower_pb2.LoadModelRequest(checkpoint=str(b))
-            assert await _code(stub.LoadModel(request, timeout=30)) == grpc.StatusCode.UNAVAILABLE
+            assert await _code(stub.LoadModel(request, timeout=30)) == grpc.StatusCode.RESOURCE_EXHAUSTED
             status = await stub.GetModels(user_tower_pb2.GetModelsRequest(), timeout=5)
             assert [m.fingerprint for m in status.models] == [_fingerprint(a)]
             assert state.read_text() == before
@@ -178,3 +178,35 @@ def test_an_unreadable_state_file_stops_the_start_with_a_clear_message(tiny_chec
     with pytest.raises(CheckpointError, match=r"state file .* is unreadable"):
         asyncio.run(asyncio.wait_for(main(), T))
     assert state.read_text() == "{not json"  # never replaced
+
+
+def test_a_model_past_the_limit_is_refused_before_loading_and_a_held_one_is_not_reloaded(
+    two_checkpoints, tmp_path
+):
+    a, b = two_checkpoints
+    loads: list[str] = []
+
+    def counting_loader(config: UserServiceConfig):
+        loads.append(str(config.checkpoint))
+        return default_encoder_factory(config)
+
+    async def main():
+        config = UserServiceConfig(checkpoint=a, state_file=tmp_path / "s.json", max_models=1,
+                                   server=ServerOptions(grace_seconds=0))  # fmt: skip
+        _server, port, app = create_server(config, counting_loader)
+        await app.start()
+        try:
+            await app.load()
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = user_tower_pb2_grpc.UserTowerStub(channel)
+                again = await stub.LoadModel(user_tower_pb2.LoadModelRequest(checkpoint=str(a)), timeout=30)
+                assert again.loaded.fingerprint == _fingerprint(a)
+                full = await _code(
+                    stub.LoadModel(user_tower_pb2.LoadModelRequest(checkpoint=str(b)), timeout=30)
+                )
+                assert full == grpc.StatusCode.FAILED_PRECONDITION
+        finally:
+            await app.stop(0)
+
+    asyncio.run(asyncio.wait_for(main(), T))
+    assert loads == [str(a)]  # the start-up load only: neither call loaded a checkpoint
