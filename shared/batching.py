@@ -101,6 +101,7 @@ class MicroBatcher(Generic[T, R]):
         self._slots: asyncio.Semaphore | None = None
         self._running: set[asyncio.Task] = set()  # batches being processed (failed if stopped mid-way)
         self._inflight: dict[asyncio.Task, list[_Pending[T]]] = {}
+        self._collecting: list[_Pending[T]] = []
         self.worker_restarts = 0  # the collecting loop hit an unexpected error and was restarted
         self.stats = BatchStats()
 
@@ -131,7 +132,9 @@ class MicroBatcher(Generic[T, R]):
         with contextlib.suppress(asyncio.CancelledError):
             await self._worker
         self._worker = None
-        leftovers = [p for batch in self._inflight.values() for p in batch]  # before done callbacks run
+        # before done callbacks run; with the batch being collected, if any
+        leftovers = [*self._collecting, *(p for batch in self._inflight.values() for p in batch)]
+        self._collecting = []
         running = list(self._running)
         for task in running:
             task.cancel()
@@ -166,7 +169,9 @@ class MicroBatcher(Generic[T, R]):
     async def _collect(self) -> list[_Pending[T]]:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
-        batch = [await self._queue.get()]
+        # Taken off the queue but not yet a batch: kept where stop() and a restart can fail them
+        # (a cancelled or failed collection must not leave its callers waiting for ever).
+        batch = self._collecting = [await self._queue.get()]
         opened = loop.time()
         while len(batch) < self.max_batch_size:
             try:
@@ -208,9 +213,13 @@ class MicroBatcher(Generic[T, R]):
                 await self._run()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 self.worker_restarts += 1
                 logger.exception("%s: batching loop failed; restarting it", self._name)
+                for pending in self._collecting:  # their batch never formed: fail them, not hang
+                    if not pending.future.done():
+                        pending.future.set_exception(NotReady(f"{self._name} failed ({exc!r}); retry"))
+                self._collecting = []
                 await asyncio.sleep(0.01)
 
     async def _run(self) -> None:
@@ -221,16 +230,19 @@ class MicroBatcher(Generic[T, R]):
             # next (larger) batch instead of a queue of small ones.
             await self._slots.acquire()
             try:
-                batch = self._live(await self._collect(), loop.time())
+                collected = await self._collect()
             except BaseException:
                 self._slots.release()
                 raise
+            batch = self._live(collected, loop.time())
             if not batch:
+                self._collecting = []
                 self._slots.release()
                 continue
             task = loop.create_task(self._execute(batch), name=f"{self._name}-batch")
             self._running.add(task)
-            self._inflight[task] = batch
+            self._inflight[task] = batch  # from here stop() finds them there
+            self._collecting = []
             task.add_done_callback(self._batch_done)
 
     def _batch_done(self, task: asyncio.Task) -> None:

@@ -64,8 +64,10 @@ class Supervisor:
     ) -> None:
         initial, cap = self._backoff
         consecutive = 0
+        loop = asyncio.get_running_loop()
         while True:
             state.running = True
+            started = loop.time()
             error: BaseException | None = None
             try:
                 await factory()
@@ -81,7 +83,8 @@ class Supervisor:
                 logger.error("background task %r returned; restarting it", state.name)
             state.running = False
             state.failures += 1
-            consecutive += 1
+            # a run that lasted longer than the longest backoff was healthy: start the backoff over
+            consecutive = 1 if loop.time() - started > cap else consecutive + 1
             TASK_FAILURES.labels(state.name).inc()
             if on_failure is not None:
                 try:

@@ -264,3 +264,40 @@ def test_linger_holds_a_batch_open_while_more_work_is_on_its_way():
 
     assert run(main()) == 4
     assert sizes == [4, 1]
+
+
+def test_stop_while_a_batch_is_lingering_fails_its_callers_instead_of_leaving_them_waiting():
+    def process(items):
+        return items
+
+    async def main():
+        batcher = MicroBatcher(process, max_batch_size=8, max_wait_s=0, linger=lambda: 30.0)
+        batcher.start()
+        waiting = asyncio.ensure_future(batcher.submit(1))  # taken off the queue, batch held open
+        await asyncio.sleep(0.05)
+        await batcher.stop()
+        return await asyncio.wait_for(asyncio.gather(waiting, return_exceptions=True), 2)
+
+    (outcome,) = run(main())
+    assert isinstance(outcome, NotReady)
+
+
+def test_a_failing_collection_fails_its_callers_and_the_loop_goes_on():
+    calls = {"n": 0}
+
+    def linger():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("bug in linger")
+        return 0.0
+
+    async def main():
+        batcher = MicroBatcher(lambda items: items, max_batch_size=8, max_wait_s=0, linger=linger)
+        batcher.start()
+        first = await asyncio.wait_for(asyncio.gather(batcher.submit(1), return_exceptions=True), 2)
+        second = await asyncio.wait_for(batcher.submit(2), 2)  # the restarted loop serves the next
+        await batcher.stop()
+        return first[0], second, batcher.worker_restarts
+
+    failed, second, restarts = run(main())
+    assert isinstance(failed, NotReady) and second == 2 and restarts == 1
