@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +22,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from candidate_service.item_store import fsync_dir
+from shared.atomic_file import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -50,22 +47,6 @@ class CachedEmbeddings:
 
 def cache_file(cache_dir: Path, fingerprint: str) -> Path:
     return Path(cache_dir) / "embeddings" / f"{fingerprint}.safetensors"
-
-
-def atomic_write(target: Path, write: Callable[[str], None]) -> None:
-    """`write(tmp_path)` then fsync, rename over `target`, fsync the directory (the rename is durable)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def remove_stale_temp_files(directory: Path) -> list[Path]:

@@ -30,6 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
+from shared.atomic_file import fsync_dir
 from shared.corpus_rows import Attrs
 from shared.errors import ServiceError, StorageFull, StorageUnavailable
 
@@ -119,14 +120,6 @@ def initial_version() -> int:
 
 def attributes_to_text(attrs: Attrs) -> str | None:
     return json.dumps(attrs, ensure_ascii=False, separators=(",", ":"), sort_keys=True) if attrs else None
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_error(exc: sqlite3.Error, path: Path) -> ServiceError:

@@ -141,7 +141,6 @@ def derive_embeddings(
     `progress(done)` counts cached rows as done at once, then encoded rows as they come."""
     fingerprint = encoder.fingerprint
     path = cache_file(cache_dir, fingerprint)
-    remove_stale_temp_files(path.parent)
     cached, why = None, "no embeddings cache for this model yet"
     try:
         cached = read_cache(path, fingerprint, encoder.dim)
@@ -185,6 +184,8 @@ def build_corpus(
     """The in-memory corpus at the store's version, and the version the cache file holds afterwards."""
     items = store.load()
     version, fingerprint = store.version, encoder.fingerprint
+    # start-up only: later (a rollout) a cache writer may be filling a temp file in that folder
+    remove_stale_temp_files(cache_file(cache_dir, fingerprint).parent)
     derived = derive_embeddings(
         items.post_ids, items.author_ids, version, encoder, cache_dir, stop,
         source=f"the item store {store.location}",
