@@ -143,7 +143,8 @@ class Gateway:
         c=32: mean batch 2.8 with one user call in flight, 12.8 with four). Up to half the last batch's
         compute, capped by --max-linger-ms, while requests are being encoded; a moment
         (_IN_TRANSIT_S) after a batch of several, whose clients are sending their next requests; and
-        not at all otherwise (a lone request never waits)."""
+        not at all otherwise. A lone request waits only while another one is being encoded (also
+        one stuck on a stalled user_service: bounded by the same cap)."""
         cap = min(self.config.max_linger_ms / 1000.0, 0.5 * self._last_scoring_s)
         if self._encoding:
             return cap
