@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.server.bootstrap import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions
-from shared.server.logs import configure_logging
+from shared.server.logs import LOG_FORMATS, configure_logging
 from shared.tls import add_server_tls_flags, server_tls_from_args
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ def add_server_flags(parser: argparse.ArgumentParser, env_prefix: str, default_p
     parser.add_argument("--grace-seconds", type=float, default=e(f"{env_prefix}_GRACE_SECONDS", "5"),
                         help="on SIGTERM/SIGINT, in-flight RPCs may finish within this")  # fmt: skip
     parser.add_argument("--log-level", default=e(f"{env_prefix}_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-format", choices=LOG_FORMATS,
+                        default=e(f"{env_prefix}_LOG_FORMAT", "plain"),
+                        help=f"plain, or one JSON object a line (env {env_prefix}_LOG_FORMAT)")  # fmt: skip
     add_server_tls_flags(parser, env_prefix)
 
 
@@ -63,7 +66,7 @@ def run_service(
 ) -> int:
     """Logging, config (exit 2 with one line when invalid), serve until signalled (exit 1 with one log
     line when it cannot start: `startup_errors` plus OSError, e.g. a port in use)."""
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     try:
         config = config_from_args(args)
     except ValueError as exc:

@@ -15,6 +15,7 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from shared import errors
+from shared.server.logs import CURRENT_RPC
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
 def _wrap_unary(behavior: Callable, method: str) -> Callable:
     async def wrapper(request, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
+        CURRENT_RPC.set(method)  # request-scoped log field (each call runs in its own task)
         try:
             _check_decoded(request)
             response = await behavior(request, context)
@@ -124,6 +126,7 @@ def _wrap_unary(behavior: Callable, method: str) -> Callable:
 def _wrap_stream(behavior: Callable, method: str) -> Callable:
     async def wrapper(request, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
+        CURRENT_RPC.set(method)
         try:
             _check_decoded(request)
             async for response in behavior(request, context):
