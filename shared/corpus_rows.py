@@ -3,11 +3,16 @@ follows them): one `Delta` type for a change, one owner of the rows (`CorpusRows
 order. No grpc, no torch.
 
 Apply order of a delta: upserts first, then deletes (an id both upserted and deleted in one delta ends
-up deleted). candidate_service's store and the gateway's index both apply deltas through this module,
-so they cannot disagree.
+up deleted). Both owners keep a `CorpusRows` and apply every delta through `CorpusRows.apply`:
+candidate_service's `CorpusStore` (candidate_service/store.py) and the gateway's `CorpusIndex`
+(retrieval_gateway/index.py). From the same start and the same deltas they reach the same rows, row
+numbers included (tests/unit/test_candidate_store.py checks it), until one of them compacts:
+candidate_service's store does once free rows are the majority (past 1024 rows); from then on both
+hold the same items, but not at the same row numbers (nor in the same order once rows are reused).
 
 `CorpusRows` keeps everything about the rows except their embeddings, which stay with the owner (the
-gateway's device matrix, candidate_service's float32 array) at the same row numbers:
+gateway's device matrix, candidate_service's float32 array, each under its owner's lock) at the same
+row numbers:
 
     rows = CorpusRows.from_columns(version, fingerprint, dim, post_ids, author_ids, attributes)
     rows.check(delta)                      # CorpusGap (a ValueError) unless the delta continues rows

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from candidate_service.embedding_cache import (
 )
 from candidate_service.items_file import ItemsFileError, file_digest, read_items
 from candidate_service.store import CorpusStore, Delta
+from shared.corpus_rows import AttributeColumn, attribute_bytes
 from shared.errors import InvalidInput
 
 D = 4
@@ -138,6 +141,29 @@ def test_snapshot_is_immutable_while_the_store_changes():
     assert store.snapshot().version == 11
 
 
+def test_snapshot_decodes_attributes_without_the_lock_and_is_made_once_per_version(monkeypatch):
+    store = make_store(n=50)
+    real_decode = AttributeColumn.decode
+    applied: list[int] = []
+
+    def decode_while_a_write_lands(column):
+        if not applied:  # the first snapshot's decode: a write must get through meanwhile
+            writer = threading.Thread(target=lambda: applied.append(upsert(store, [7, 77], 5.0).version))
+            writer.start()
+            writer.join(timeout=30)
+            assert applied == [11], "apply waited for a snapshot's decode"
+        return real_decode(column)
+
+    monkeypatch.setattr(AttributeColumn, "decode", decode_while_a_write_lands)
+    old = store.snapshot()
+    assert old.version == 10 and 77 not in old.post_ids.tolist()  # consistent: the copy made before
+    assert old.attributes[1] == {"title": "t1"} and old.attributes[0] is None
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        snaps = list(pool.map(lambda _: store.snapshot(), range(8)))
+    assert all(s is snaps[0] for s in snaps) and snaps[0].version == 11
+    assert 77 in snaps[0].post_ids.tolist() and store.snapshot() is snaps[0]
+
+
 def test_dead_rows_are_compacted_and_state_is_kept():
     store = make_store(n=3000)
     delta, _ = store.delete_delta(np.arange(1, 2500, dtype=np.int64))
@@ -158,6 +184,80 @@ def test_chunk_bounds_cover_every_row_within_the_byte_budget():
     for lo, hi in bounds:
         assert (hi - lo) * row_bytes + int(snap.attr_bytes[lo:hi].sum()) <= row_bytes * 64 + 100
     assert CorpusStore(D, "fp", 1).snapshot().chunk_bounds(10) == [(0, 0)]  # empty corpus: one empty chunk
+
+
+def test_store_and_gateway_index_reach_the_same_rows_after_the_same_deltas():
+    """One owner of the rows, one apply order: the same random deltas (store-built upserts and deletes,
+    and mixed ones with an id upserted and deleted at once) leave candidate_service's store and the
+    gateway's index with the same rows (numbers included), ids, authors, attributes and embeddings,
+    and both match a plain dict model applied upserts first, then deletes."""
+    torch = pytest.importorskip("torch")
+    from retrieval_gateway.index import CorpusIndex
+
+    rng = np.random.default_rng(7)
+    pool = np.arange(1, 401, dtype=np.int64)
+
+    def attrs_for(ids: np.ndarray) -> list:
+        choices = [None, {}, {"t": "x"}, {"title": 'é"q\n'}, {"a": "1", "b": "2"}]
+        return [choices[i] for i in rng.integers(0, len(choices), len(ids))]
+
+    def emb_for(n: int) -> np.ndarray:
+        return rng.standard_normal((n, D)).astype(np.float32)
+
+    ids = rng.choice(pool, 150, replace=False)
+    start_attrs, start_emb = attrs_for(ids), emb_for(len(ids))
+    store = CorpusStore.from_rows("fp", 5, ids, ids * 3, start_emb, start_attrs)
+    index = CorpusIndex("cpu", "fp32")
+    index.load_snapshot(5, "fp", ids, ids * 3, torch.from_numpy(start_emb), start_attrs)
+    model = {int(p): (int(p) * 3, a or None, e) for p, a, e in zip(ids, start_attrs, start_emb, strict=True)}
+
+    mixed_seen = 0
+    for step in range(120):
+        kind = step % 3
+        if kind == 0:
+            ups = rng.choice(pool, int(rng.integers(1, 30)), replace=False)
+            delta, inserted = store.upsert_delta(ups, ups + step, emb_for(len(ups)), attrs_for(ups))
+            assert inserted == sum(int(p) not in model for p in ups)
+        elif kind == 1:
+            gone = rng.choice(pool, int(rng.integers(1, 40)), replace=False)
+            delta, unknown = store.delete_delta(gone)
+            assert unknown == [int(p) for p in gone if int(p) not in model]
+            if delta is None:
+                continue
+        else:  # a delta with both sides (a rollout's replay may carry one); `both` is in both
+            ups = rng.choice(pool, int(rng.integers(1, 20)), replace=False)
+            both = int(ups[0])
+            gone = np.unique(np.concatenate([[both], rng.choice(pool, 10, replace=False)]))
+            delta = Delta(store.version + 1, "fp", ups, ups + step, emb_for(len(ups)), attrs_for(ups), gone)
+            mixed_seen += 1
+        store.apply(delta)
+        index.apply_delta(delta)
+        for p, a, attrs, e in zip(
+            delta.upsert_post_ids.tolist(), delta.upsert_author_ids.tolist(), delta.upsert_attributes,
+            delta.upsert_embeddings, strict=True,
+        ):  # fmt: skip
+            model[p] = (a, attrs or None, e)
+        for p in delta.deleted_post_ids.tolist():
+            model.pop(p, None)
+        if kind == 2:
+            assert both not in store and both not in model
+
+        snap, corpus = store.snapshot(), index._corpus
+        assert corpus is not None and snap.version == store.version == index.info().version == delta.version
+        rows = corpus.rows
+        live = rows.live_rows()
+        assert len(snap) == store.num_items == rows.size == len(model)
+        assert rows.used <= 1024  # no compaction here: the row numbers themselves must agree
+        assert snap.post_ids.tolist() == rows.post_ids[live].tolist()
+        assert snap.author_ids.tolist() == rows.author_ids[live].tolist()
+        assert snap.attributes == [a or None for a in rows.attributes(live)]
+        assert np.array_equal(snap.embeddings, corpus.matrix[torch.from_numpy(live)].numpy())
+        assert snap.attr_bytes.tolist() == [attribute_bytes(a) for a in snap.attributes]
+        for i, p in enumerate(snap.post_ids.tolist()):
+            author, attrs, emb = model[p]
+            assert snap.author_ids[i] == author and snap.attributes[i] == attrs
+            assert np.array_equal(snap.embeddings[i], emb)
+    assert mixed_seen == 40
 
 
 # -- embeddings cache file ----------------------------------------------------------------------------
