@@ -158,15 +158,20 @@ def train_steps(
             log_q[torch.from_numpy(catalog.rows(targets.numpy()))],
             temperature(),
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-        optimizer.step()
-        total, steps = total + loss.item(), steps + 1
+        total, steps = total + _optimizer_step(optimizer, loss, cfg.grad_clip), steps + 1
         if bar is not None:
             bar.update(1, f"loss {total / steps:.4f}")
     model.eval()
     return total / max(steps, 1)
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> float:
+    """Backward, clip the gradient norm, step; returns the loss value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    optimizer.step()
+    return loss.item()
 
 
 def dense_train_steps(
@@ -193,11 +198,7 @@ def dense_train_steps(
             if not (rows >= 0).any():
                 continue
             loss = dense_step_loss(model, features, rows, items, temperature())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-            optimizer.step()
-            total, steps = total + loss.item(), steps + 1
+            total, steps = total + _optimizer_step(optimizer, loss, cfg.grad_clip), steps + 1
             if bar is not None:
                 bar.update(1, f"loss {total / steps:.4f}")
     model.eval()
