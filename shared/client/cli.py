@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+from google.protobuf.message import Message
 
 from shared.client.library import HistoryEvent, RetrieveResult, TwoTowerClient, health
 from shared.client.rollout import RolloutFailed, RolloutTargets, run_rollout
@@ -237,7 +239,16 @@ def _status(client: TwoTowerClient, args: argparse.Namespace, tls: ClientTLS | N
 
 
 def _fields(message) -> list[tuple[str, object]]:
-    return [(f.name, value) for f, value in message.ListFields()]
+    """Set fields as (name, value); a list of messages (e.g. background tasks) on one line each."""
+    return [(f.name, _compact(value)) for f, value in message.ListFields()]
+
+
+def _compact(value: object) -> object:
+    if isinstance(value, Message):
+        return "(" + " ".join(f"{k}={_compact(v)}" for k, v in _fields(value)) + ")"
+    if isinstance(value, Sequence | RepeatedCompositeFieldContainer) and not isinstance(value, str | bytes):
+        return "[" + ", ".join(str(_compact(v)) for v in value) + "]"
+    return value
 
 
 def _rollout(args: argparse.Namespace, tls: ClientTLS | None) -> int:

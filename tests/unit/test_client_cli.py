@@ -122,3 +122,16 @@ def test_upsert_of_a_large_file_is_sent_in_batches_with_progress(capsys):
     expected = r"items 4096\.\.8191 failed \(UNAVAILABLE: disk full\); 4096 of 10000"
     with pytest.raises(cli.UsageError, match=expected):
         cli._upsert(failing, items, 4096)
+
+
+def test_status_fields_print_a_list_of_messages_on_one_line():
+    from twotower.v1 import retrieval_gateway_pb2
+
+    status = retrieval_gateway_pb2.GatewayStatus(ready=True, corpus_size=3)
+    status.background_tasks.add(name="corpus-follower", running=True)
+    status.background_tasks.add(name="readiness", failures=2, last_error="MemoryError: x")
+    line = " ".join(f"{k}={v}" for k, v in cli._fields(status))
+    assert line == (
+        "ready=True corpus_size=3 background_tasks=[(name=corpus-follower running=True), "
+        "(name=readiness failures=2 last_error=MemoryError: x)]"
+    )
