@@ -22,6 +22,7 @@ from retrieval_gateway.index import CorpusIndex, Query, pick_device
 from shared.convert import user_context_from_proto
 from shared.model.features import validate_user
 from twotower.v1 import retrieval_gateway_pb2
+from user_service.config import UserServiceConfig
 from user_service.encoder import UserEncoder, load_encoder
 
 SNAPSHOT_TIMEOUT_S = 300.0
@@ -37,7 +38,11 @@ class Baseline:
 
     @classmethod
     async def load(cls, checkpoint: str, candidate_address: str, device: str) -> Baseline:
-        encoder = load_encoder(checkpoint, device, "fp32", GatewayConfig.max_history_events)
+        # the same tower as the served one: CUDA graphs on cuda, as user_service captures them
+        encoder = load_encoder(
+            checkpoint, device, "fp32", GatewayConfig.max_history_events,
+            UserServiceConfig.max_batch_size if UserServiceConfig.cuda_graphs else 0,
+        )  # fmt: skip
         encoder.warm_up([1, 8])
         gw = GatewayConfig(user_service="-:0", candidate_service=candidate_address, device=device)
         index = CorpusIndex(pick_device(gw.device), gw.dtype, gw.max_score_elements, gw.fused_gemv)

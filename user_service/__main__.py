@@ -73,6 +73,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="torch intra-op threads (default: torch's choice)",
     )
     p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=e("USER_SERVICE_CUDA_GRAPHS", "1") not in ("0", "false", "no", "off"),
+        help="cuda: replay the user tower from CUDA graphs captured per batch size (1, 2, 4, ... "
+        "max batch) instead of launching every op (env USER_SERVICE_CUDA_GRAPHS=0 turns it off)",
+    )
+    p.add_argument(
         "--state-file",
         default=e("USER_SERVICE_STATE_FILE"),
         help="JSON record of the models held and the default one (model control / rollouts need it; a "
@@ -102,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> UserServiceConfig:
         max_users_per_call=args.max_users_per_call,
         max_history_events=args.max_history_events,
         torch_threads=args.torch_threads,
+        cuda_graphs=args.cuda_graphs,
         port_file=args.port_file,
         state_file=Path(args.state_file) if args.state_file else None,
         max_models=args.max_models,

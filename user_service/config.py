@@ -28,6 +28,9 @@ class UserServiceConfig:
     max_users_per_call: int = 256  # users in one EncodeUsers request (proto: max_batch_users)
     max_history_events: int = DEFAULT_MAX_HISTORY_EVENTS  # per user; more is INVALID_ARGUMENT
     torch_threads: int | None = None  # torch intra-op threads; None = torch's default
+    # cuda only: the user tower replays CUDA graphs captured per batch-size bucket (launch overhead of
+    # a few hundred small kernels gone at small batches); ignored on cpu.
+    cuda_graphs: bool = True
     port_file: Path | None = None  # the bound port is written here once listening
     # Model control (rollouts): the default model and the models held are recorded here, so that a
     # restart comes back on the rolled-out model. None: model control is refused.

@@ -18,6 +18,7 @@ from shared.model.checkpoint import LoadedModel, load_checkpoint
 from shared.model.config import TowerConfig
 from shared.model.features import UserContext, featurize_users
 from shared.model.towers import TwoTowerModel
+from user_service.cuda_graphs import GraphedUserTower
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class UserEncoder:
 
     def __init__(
         self, model: TwoTowerModel, fingerprint: str, device: torch.device, dtype: torch.dtype,
-        max_history_events: int,
+        max_history_events: int, cuda_graph_max_batch: int = 0,
     ) -> None:  # fmt: skip
         self.config: TowerConfig = model.config
         self.identity = ModelIdentity(fingerprint, model.config.emb_dim)
@@ -52,18 +53,28 @@ class UserEncoder:
         self.dtype = dtype  # of the weights and of the returned embeddings
         self.max_history_events = max_history_events
         self._model = model.to(device=device, dtype=dtype).eval()
+        # cuda only: batches up to this size replay captured graphs (captured by warm_up); 0 = eager
+        self._graphed = (
+            GraphedUserTower(self._model, device, cuda_graph_max_batch)
+            if device.type == "cuda" and cuda_graph_max_batch > 0
+            else None
+        )
+        self.cuda_graphs = False  # True once captured
 
     @classmethod
     def from_loaded(
-        cls, loaded: LoadedModel, device: torch.device, dtype: torch.dtype, max_history_events: int
-    ) -> UserEncoder:
-        return cls(loaded.model, loaded.fingerprint, device, dtype, max_history_events)
+        cls, loaded: LoadedModel, device: torch.device, dtype: torch.dtype, max_history_events: int,
+        cuda_graph_max_batch: int = 0,
+    ) -> UserEncoder:  # fmt: skip
+        return cls(loaded.model, loaded.fingerprint, device, dtype, max_history_events, cuda_graph_max_batch)
 
     def encode(self, contexts: Sequence[UserContext]) -> torch.Tensor:
         """B validated contexts -> [B, D] unit-norm embeddings on the cpu, in `self.dtype`."""
         features = featurize_users(contexts, self.config, self.max_history_events).to(self.device)
         with torch.inference_mode():
-            out = self._model.encode_users(features)  # [B, D]
+            out = self._graphed.encode_users(features) if self.cuda_graphs else None
+            if out is None:
+                out = self._model.encode_users(features)  # [B, D]
         return out.cpu()
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
@@ -83,13 +94,49 @@ class UserEncoder:
                 raise CheckpointError("warm-up produced non-finite embeddings: the checkpoint is broken")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        if self._graphed is not None and not self.cuda_graphs:
+            try:
+                self._graphed.capture()
+            except Exception:  # an op the graph cannot hold, an old driver: eager still serves
+                logger.exception("capturing CUDA graphs of the user tower failed; running it eagerly")
+                return
+            self.cuda_graphs = True
+            for b in batch_sizes:  # the graphs must give what the eager tower gives
+                self._check_graph_matches_eager(b)
+
+    def _check_graph_matches_eager(self, b: int) -> None:
+        s, a = self.config.history_len, self.config.num_actions
+        rng = np.random.default_rng(b)
+        contexts = [
+            UserContext(
+                user_id=i + 1,
+                post_ids=rng.integers(1, 1 << 40, s, dtype=np.int64),
+                author_ids=rng.integers(0, 1 << 40, s, dtype=np.int64),
+                actions=rng.random((s, a)) < 0.2,
+                surfaces=np.zeros(s, dtype=np.int64),
+            )
+            for i in range(b)
+        ]
+        graphed = self.encode(contexts).float()
+        features = featurize_users(contexts, self.config, self.max_history_events).to(self.device)
+        with torch.inference_mode():
+            eager = self._model.encode_users(features).float().cpu()
+        err = (graphed - eager).abs().max().item()
+        if err > 1e-2:
+            self.cuda_graphs = False
+            logger.error("CUDA-graph user tower differs from eager by %.3g at B=%d; running eagerly", err, b)
 
 
-def load_encoder(checkpoint: str, device: str, dtype: str, max_history_events: int) -> UserEncoder:
-    """Load and verify the checkpoint and move it to the device (blocking: call off the event loop)."""
+def load_encoder(
+    checkpoint: str, device: str, dtype: str, max_history_events: int, cuda_graph_max_batch: int = 0
+) -> UserEncoder:
+    """Load and verify the checkpoint and move it to the device (blocking: call off the event loop).
+    cuda_graph_max_batch > 0: on cuda, batches up to that size replay CUDA graphs (captured at warm-up)."""
     loaded = load_checkpoint(checkpoint)
     target = resolve_device(device)
-    encoder = UserEncoder.from_loaded(loaded, target, TORCH_DTYPES[dtype], max_history_events)
+    encoder = UserEncoder.from_loaded(
+        loaded, target, TORCH_DTYPES[dtype], max_history_events, cuda_graph_max_batch
+    )
     logger.info(
         "loaded checkpoint %s (fingerprint %s, D=%d, S=%d) on %s as %s",
         checkpoint, loaded.fingerprint, loaded.config.emb_dim, loaded.config.history_len, target, dtype,

@@ -278,3 +278,34 @@ def test_cuda_encoder_matches_cpu(tiny_checkpoint, tiny_model):
     got = gpu.encode([_user(1), _user(2, n=12)])
     assert got.device.type == "cpu"  # results always come back to the host for the codec
     torch.testing.assert_close(got, _reference(tiny_model, [_user(1), _user(2, n=12)]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_tower_matches_eager_for_every_bucket_and_above(tiny_checkpoint, tiny_model):
+    loaded = load_checkpoint(tiny_checkpoint)
+    gpu = UserEncoder.from_loaded(loaded, torch.device("cuda"), torch.float32, 1024, cuda_graph_max_batch=8)
+    gpu.warm_up([1, 8])
+    assert gpu.cuda_graphs  # captured, and the warm-up's own check found graphs == eager
+    # sizes inside buckets, on bucket edges, above the largest bucket (eager), then small again: a
+    # replay must not see a previous, bigger batch's rows
+    for b in (1, 3, 4, 5, 8, 11, 2):
+        users = [_user(i + 1, n=1 + (i * 5) % 20) for i in range(b)]
+        torch.testing.assert_close(gpu.encode(users), _reference(tiny_model, users), atol=1e-4, rtol=1e-4)
+
+
+def test_cuda_graph_buckets_are_powers_of_two_then_the_maximum():
+    from user_service.cuda_graphs import buckets_up_to
+
+    assert buckets_up_to(1) == [1]
+    assert buckets_up_to(8) == [1, 2, 4, 8]
+    assert buckets_up_to(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert buckets_up_to(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+
+
+def test_cuda_graph_option_is_ignored_on_cpu(tiny_checkpoint, tiny_model):
+    loaded = load_checkpoint(tiny_checkpoint)
+    cpu = UserEncoder.from_loaded(loaded, torch.device("cpu"), torch.float32, 1024, cuda_graph_max_batch=8)
+    cpu.warm_up([1])
+    assert not cpu.cuda_graphs
+    users = [_user(1), _user(2, n=12)]
+    torch.testing.assert_close(cpu.encode(users), _reference(tiny_model, users), atol=1e-5, rtol=1e-5)
