@@ -1,0 +1,111 @@
+"""Progress of long jobs (training epochs, a corpus encode, a snapshot stream, an upsert file, benchmark
+levels): one tqdm bar, shown in one of two ways.
+
+- On a terminal: tqdm's live bar on stderr, redrawn in place.
+- Elsewhere (a log file, a pipe, a service under a supervisor): one plain line at most every `every_s`
+  seconds, and a last one when the bar closes, with count/total, elapsed time, rate and the time left:
+      corpus (3f2a9c) encoded: 40960/120000 (34%) in 00:05, 8192.00item/s, 00:09 left
+  Given a logger, each line is one log record (so `--log-format json` still yields one JSON object a
+  line); without one, a line on the stream.
+
+Services always take the second form (`live=False`): their stderr carries log lines from several
+threads, which a redrawn bar would interleave with. Callers update per batch or chunk, never per item:
+an update is a counter add and, at most once an interval, a clock read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from typing import TextIO
+
+from tqdm import tqdm
+from tqdm.contrib import DummyTqdmFile
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+LINE_EVERY_S = 5.0  # a plain progress line at most this often
+LINE_FORMAT = (
+    "{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) in {elapsed}, {rate_fmt}, {remaining} left{postfix}"
+)
+
+
+class _LineBar(tqdm):
+    # Lines need no monitor thread: that thread only forces redraws of bars whose dynamic `miniters`
+    # grew large, and a line bar checks the clock on every update (miniters=1).
+    monitor_interval = 0
+
+
+class _Lines:
+    """The file a line bar writes to. tqdm writes each display as "\\r" + text + padding and a "\\n"
+    at close; here each display becomes one whole line (a log record, or a line on `stream`)."""
+
+    def __init__(self, logger: logging.Logger | None, stream: TextIO, level: int) -> None:
+        self.logger, self.stream, self.level = logger, stream, level
+        # tqdm displays a new bar once as it constructs it (0/N, no rate yet): that line is dropped, so
+        # a log's first line comes one interval in, and a short job logs only its last line.
+        self.started = False
+
+    def write(self, text: str) -> None:
+        line = " ".join(text.split())  # also the padding inside tqdm's fields (" 3.33it/s")
+        if not line or not self.started:
+            return
+        if self.logger is not None:
+            self.logger.log(self.level, "%s", line)
+        else:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def flush(self) -> None:
+        pass
+
+
+def progress_bar(
+    total: int,
+    desc: str,
+    *,
+    unit: str = "it",
+    logger: logging.Logger | None = None,
+    live: bool | None = None,
+    every_s: float = LINE_EVERY_S,
+    stream: TextIO | None = None,
+    disable: bool = False,
+    level: int = logging.INFO,
+) -> tqdm:
+    """A tqdm bar over `total` units (use it as a context manager, or close it). `live=None`: a live
+    bar when `stream` (default stderr) is a terminal, plain lines otherwise (through `logger` when
+    given). Postfixes (`bar.set_postfix_str(s, refresh=False)`) end each line."""
+    stream = sys.stderr if stream is None else stream
+    if live is None:
+        live = _isatty(stream)
+    if live:
+        return tqdm(
+            total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True, leave=True, disable=disable
+        )
+    lines = _Lines(logger, stream, level)
+    bar = _LineBar(
+        total=total, desc=desc, unit=unit, file=lines, disable=disable, bar_format=LINE_FORMAT,
+        mininterval=every_s, miniters=1,  # the clock decides, not a count of updates
+        leave=True, position=0,  # position 0: never a cursor move written into a log line
+    )  # fmt: skip
+    lines.started = True
+    return bar
+
+
+@contextlib.contextmanager
+def output_above(bar: tqdm) -> Iterator[None]:
+    """While a live `bar` shows, lines printed to stdout and console log records are written above it
+    (tqdm.write) rather than through it. Does nothing for a line bar."""
+    if isinstance(bar, _LineBar) or bar.disable:
+        yield
+        return
+    with logging_redirect_tqdm(), contextlib.redirect_stdout(DummyTqdmFile(sys.stdout)):
+        yield
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
