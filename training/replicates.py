@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TWO_TOWER_CODE = ("training/*.py", "shared/model/*.py", "retrieval_gateway/topk.py")
 SASREC_CODE = (
     "training/sasrec.py", "training/windows.py", "training/dataset.py", "training/evaluate.py",
-    "training/progress.py", "retrieval_gateway/topk.py",
+    "shared/progress.py", "retrieval_gateway/topk.py",
 )  # fmt: skip
 
 

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.progress import progress_bar
 from training.dataset import EvalCase, Split
 from training.evaluate import Catalog, evaluate, selection_score
-from training.progress import ProgressBar
 from training.windows import TARGET_MODES, Window, epoch_windows, window_targets
 
 logger = logging.getLogger(__name__)
@@ -191,10 +191,12 @@ def train_sasrec(
     for epoch in range(1, cfg.max_epochs + 1):
         windows = epoch_windows(split, cfg.max_len, rng)
         windows = [windows[i] for i in rng.permutation(len(windows))]
-        bar = ProgressBar(
+        bar = progress_bar(
             math.ceil(len(windows) / cfg.batch_size),
             f"SASRec epoch {epoch:>2}/{cfg.max_epochs}",
-            enabled=progress,
+            unit="step",
+            logger=logger,
+            disable=not progress,
         )
         model.train()
         total, steps = 0.0, 0
@@ -207,14 +209,17 @@ def train_sasrec(
             loss.backward()
             optimizer.step()
             total, steps = total + loss.item(), steps + 1
-            bar.update(1, f"loss {total / steps:.4f}")
+            bar.set_postfix_str(f"loss {total / steps:.4f}", refresh=False)
+            bar.update()
         model.eval()
         validation = evaluate(SASRecScorer(model, catalog), split, split.validation, catalog)
         score = selection_score(validation)
-        bar.close(
+        bar.set_postfix_str(
             f"loss {total / max(steps, 1):.4f} val R@10 {validation['recall@10']:.4f} "
-            f"NDCG@10 {validation['ndcg@10']:.4f}"
+            f"NDCG@10 {validation['ndcg@10']:.4f}",
+            refresh=False,
         )
+        bar.close()
         if score > best_score:
             best_state, best_score, best_epoch, best_val, stale = (
                 copy.deepcopy(model.state_dict()),

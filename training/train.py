@@ -23,13 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from shared.model.features import featurize_items
 from shared.model.towers import TwoTowerModel
+from shared.progress import progress_bar
 from training.dataset import Split, featurize_examples, training_examples
 from training.dense import dense_step_loss, training_dropout, window_batch
 from training.evaluate import Catalog, ModelScorer, evaluate, selection_score
-from training.progress import ProgressBar
 from training.windows import TARGET_MODES, epoch_windows
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def train_steps(
     temperature: Temperature,
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
-    bar: ProgressBar | None = None,
+    bar: tqdm | None = None,
 ) -> float:
     """One pass over `examples` in the given order; returns the mean loss."""
     model.train()
@@ -160,7 +161,8 @@ def train_steps(
         )
         total, steps = total + _optimizer_step(optimizer, loss, cfg.grad_clip), steps + 1
         if bar is not None:
-            bar.update(1, f"loss {total / steps:.4f}")
+            bar.set_postfix_str(f"loss {total / steps:.4f}", refresh=False)
+            bar.update()
     model.eval()
     return total / max(steps, 1)
 
@@ -182,7 +184,7 @@ def dense_train_steps(
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
     rng: np.random.Generator,
-    bar: ProgressBar | None = None,
+    bar: tqdm | None = None,
 ) -> float:
     """One epoch of the dense objective over shuffled, randomly offset windows; returns the mean loss."""
     windows = epoch_windows(split, model.config.history_len, rng)
@@ -200,7 +202,8 @@ def dense_train_steps(
             loss = dense_step_loss(model, features, rows, items, temperature())
             total, steps = total + _optimizer_step(optimizer, loss, cfg.grad_clip), steps + 1
             if bar is not None:
-                bar.update(1, f"loss {total / steps:.4f}")
+                bar.set_postfix_str(f"loss {total / steps:.4f}", refresh=False)
+                bar.update()
     model.eval()
     return total / max(steps, 1)
 
@@ -239,7 +242,8 @@ def train(
     best_state, best_score, stale = None, -1.0, 0
     for epoch in range(1, cfg.max_epochs + 1):
         epoch_start = time.monotonic()
-        bar = ProgressBar(steps_per_epoch, f"epoch {epoch:>2}/{cfg.max_epochs}", enabled=progress)
+        desc = f"epoch {epoch:>2}/{cfg.max_epochs}"
+        bar = progress_bar(steps_per_epoch, desc, unit="step", logger=logger, disable=not progress)
         if dense:
             loss = dense_train_steps(model, split, catalog, temperature, optimizer, cfg, rng, bar)
         else:
@@ -247,10 +251,12 @@ def train(
             loss = train_steps(model, split, order, log_q, catalog, temperature, optimizer, cfg, bar)
         validation = evaluate(ModelScorer(model, catalog), split, split.validation, catalog)
         tau, score = temperature().item(), selection_score(validation)
-        bar.close(
+        bar.set_postfix_str(
             f"loss {loss:.4f} tau {tau:.3f} val R@10 {validation['recall@10']:.4f} "
-            f"R@50 {validation['recall@50']:.4f} NDCG@10 {validation['ndcg@10']:.4f}"
+            f"R@50 {validation['recall@50']:.4f} NDCG@10 {validation['ndcg@10']:.4f}",
+            refresh=False,
         )
+        bar.close()
         result.epochs.append(EpochLog(epoch, loss, tau, validation, time.monotonic() - epoch_start))
         if score > best_score:
             best_score, stale = score, 0
