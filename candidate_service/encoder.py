@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -12,10 +13,9 @@ import torch
 
 from shared.model.checkpoint import LoadedModel
 from shared.model.features import featurize_items, validate_item_ids
+from shared.progress import progress_bar
 
 logger = logging.getLogger(__name__)
-
-PROGRESS_EVERY_S = 5.0  # a progress line at most this often while encoding a long corpus
 
 
 class EncodingStopped(Exception):
@@ -53,8 +53,10 @@ class ItemEncoder:
         validate_item_ids(post_ids, author_ids)  # once, up front: a bad id fails before any compute
         n = len(post_ids)
         out = np.empty((n, self.dim), dtype=np.float32)  # [N, D]
-        start = last_log = time.perf_counter()
-        with torch.inference_mode():
+        # A labelled (long) encode logs a progress line every few seconds and one at the end; an
+        # unlabelled one (a write's few items) does not pay for a bar.
+        bar = progress_bar(n, f"{label} encoded", unit="item", logger=logger, live=False) if label else None
+        with torch.inference_mode(), bar if bar is not None else contextlib.nullcontext():
             for lo in range(0, n, self.batch_size):
                 if stop is not None and stop.is_set():
                     raise EncodingStopped(f"{label or 'encoding'} stopped at {lo}/{n} items")
@@ -62,18 +64,10 @@ class ItemEncoder:
                 t0 = time.perf_counter()
                 features = featurize_items(post_ids[lo:hi], author_ids[lo:hi], self.config)
                 out[lo:hi] = self.model.encode_items(features).numpy()  # [b, D]
-                now = time.perf_counter()
                 if self._on_encoded is not None:
-                    self._on_encoded(hi - lo, now - t0)
+                    self._on_encoded(hi - lo, time.perf_counter() - t0)
                 if progress is not None:
                     progress(hi)
-                if label and now - last_log >= PROGRESS_EVERY_S:
-                    last_log = now
-                    logger.info(
-                        "%s: encoded %d/%d items (%.0f%%, %.0f items/s)",
-                        label, hi, n, 100 * hi / n, hi / (now - start),
-                    )  # fmt: skip
-        if label and n:
-            elapsed = time.perf_counter() - start
-            logger.info("%s: encoded %d items in %.1fs (%.0f items/s)", label, n, elapsed, n / elapsed)
+                if bar is not None:
+                    bar.update(hi - lo)
         return out
