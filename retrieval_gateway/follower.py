@@ -17,12 +17,14 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from retrieval_gateway import metrics
 from retrieval_gateway.index import CorpusGap, CorpusIndex
 from shared import codec
 from shared.corpus_rows import AttributeColumn, AttributeColumnBuilder, Delta
 from shared.errors import InvalidInput
+from shared.progress import progress_bar
 from shared.tls import ClientTLS, aio_channel
 from twotower.v1 import candidate_tower_pb2, candidate_tower_pb2_grpc, common_pb2
 
@@ -142,6 +144,7 @@ class CorpusFollower:
         self.errors = 0  # unexpected failures (not stream breaks or gaps), each followed by a resync
         self.last_error = ""
         self._assembler: SnapshotAssembler | None = None
+        self._snapshot_bar: tqdm | None = None  # progress of the snapshot being received and loaded
 
     async def run(self) -> None:
         """Follow until cancelled. Every failure, expected or not, ends in a resync with backoff: the
@@ -196,6 +199,7 @@ class CorpusFollower:
         finally:
             call.cancel()
             self._assembler = None
+            self._drop_snapshot_progress()
 
     def disconnected(self, reason: str | None) -> None:
         """Not receiving a stream (also called by the supervisor when the follower task crashed)."""
@@ -223,18 +227,23 @@ class CorpusFollower:
             chunk = event.snapshot_chunk
             if chunk.chunk_index == 0:
                 self._assembler = SnapshotAssembler(chunk, self._max_items, self.index.dtype)
+                self._start_snapshot_progress(chunk)
             elif self._assembler is None:
                 raise CorpusGap(f"snapshot chunk {chunk.chunk_index} without chunk 0")
             a = self._assembler
             # Decoding and copying a chunk (up to the message size) off the loop: Retrieve calls keep
             # being answered from the current corpus while a large snapshot streams in.
-            if await asyncio.to_thread(a.add, chunk):
+            complete = await asyncio.to_thread(a.add, chunk)
+            if self._snapshot_bar is not None:
+                self._snapshot_bar.update(len(chunk.attributes))  # the chunk's rows, now staged
+            if complete:
                 self._assembler = None
                 h = a.head
                 emb = a.embeddings if a.embeddings is not None else torch.empty(0, _dim_of(chunk))
                 args = (h.version, h.fingerprint, a.post_ids, a.author_ids, emb, a.attributes())
                 del a  # the index adopts the buffers (copy=False): a snapshot is never held twice
                 await asyncio.to_thread(self.index.load_snapshot, *args, copy=False)
+                self._end_snapshot_progress()
                 metrics.SNAPSHOTS.inc()
                 self._on_change()
         elif kind == "delta":
@@ -250,6 +259,29 @@ class CorpusFollower:
         else:
             raise CorpusGap(f"unknown corpus event {kind!r}")
         return False
+
+    def _start_snapshot_progress(self, head: candidate_tower_pb2.SnapshotChunk) -> None:
+        """A progress line every few seconds while a snapshot streams in (a large one takes a while),
+        and one when the index serves it, with the count, rate and time left."""
+        self._drop_snapshot_progress()
+        self._snapshot_bar = progress_bar(
+            head.total_items, f"snapshot v{head.version} ({head.fingerprint})", unit="item", logger=logger,
+            live=False,
+        )  # fmt: skip
+
+    def _end_snapshot_progress(self) -> None:
+        bar, self._snapshot_bar = self._snapshot_bar, None
+        if bar is not None:
+            bar.set_postfix_str("loaded into the index", refresh=False)
+            bar.close()
+
+    def _drop_snapshot_progress(self) -> None:
+        """A snapshot given up (a gap, a broken stream, a newer snapshot) ends its progress silently:
+        the reason is logged on its own."""
+        bar, self._snapshot_bar = self._snapshot_bar, None
+        if bar is not None:
+            bar.leave = False  # tqdm then clears the bar instead of writing a last line
+            bar.close()
 
     def _apply_delta(self, delta: candidate_tower_pb2.CorpusDelta, dim: int) -> None:
         self.index.apply_delta(_delta_rows(delta, dim))
