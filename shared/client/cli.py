@@ -30,6 +30,7 @@ from google.protobuf.message import Message
 
 from shared.client.library import HistoryEvent, RetrieveResult, TwoTowerClient, health
 from shared.client.rollout import RolloutFailed, RolloutTargets, run_rollout
+from shared.progress import progress_bar
 from shared.tls import ClientTLS, TLSConfigError, add_client_tls_flags, client_tls_from_args
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
@@ -198,26 +199,27 @@ def _upsert(client: TwoTowerClient, items: list[dict], batch_size: int) -> str:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     inserted = updated = done = 0
     version = 0
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        try:
-            r = client.upsert(batch)
-        except grpc.RpcError as exc:
-            why = f"{exc.code().name}: {exc.details()}"
-            raise UsageError(
-                f"batch of items {start}..{start + len(batch) - 1} failed ({why}); "
-                f"{done} of {len(items)} items were acknowledged before it"
-            ) from None
-        inserted, updated, done, version = (
-            inserted + r.inserted,
-            updated + r.updated,
-            done + len(batch),
-            r.version,
-        )
-        if len(items) > batch_size:
-            print(
-                f"upserted {done}/{len(items)} items (corpus version {version})", file=sys.stderr, flush=True
+    # More than one batch: progress on stderr (a live bar on a terminal, a line every few seconds else).
+    with progress_bar(len(items), "upserted", unit="item", disable=len(items) <= batch_size) as bar:
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            try:
+                r = client.upsert(batch)
+            except grpc.RpcError as exc:
+                bar.leave = False  # the error line says how far it got
+                why = f"{exc.code().name}: {exc.details()}"
+                raise UsageError(
+                    f"batch of items {start}..{start + len(batch) - 1} failed ({why}); "
+                    f"{done} of {len(items)} items were acknowledged before it"
+                ) from None
+            inserted, updated, done, version = (
+                inserted + r.inserted,
+                updated + r.updated,
+                done + len(batch),
+                r.version,
             )
+            bar.set_postfix_str(f"corpus version {version}", refresh=False)
+            bar.update(len(batch))
     return f"corpus version {version}: {inserted} inserted, {updated} updated"
 
 
