@@ -15,6 +15,8 @@ recall@k against the exact fp32 result of the same queries.
   recall, not used by the index (bf16 scores keep ~3 significant digits).
 - `bf16 gemm bf16 query` (investigation only, cuda): torch.mm(out_dtype=fp32) on the bf16-rounded
   query, fp32 scores; what the index's split query (hi + lo, 2B rows) costs against it.
+- `topk bf16 1-term query` (investigation only, cuda): exact_topk's own path with the bf16-rounded
+  query alone (no lo term): the price and the recall of the second term inside the index's loop.
 - `faiss flat fp32`: faiss.IndexFlatIP (benchmark-only dependency `faiss-cpu`), CPU only; skipped
   with a note when faiss is not installed.
 
@@ -46,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from retrieval_gateway.index import CorpusIndex, Query  # noqa: E402
-from retrieval_gateway.topk import exact_topk  # noqa: E402
+from retrieval_gateway.topk import DEVICE_MAX_SCORE_ELEMENTS, _exact_topk, exact_topk  # noqa: E402
 
 FP = "bench"
 
@@ -167,7 +169,7 @@ def main() -> int:
 
             def search(q, index=index):
                 results = index.search([Query(v, FP, args.k) for v in q])
-                return np.array([[h.post_id for h in r.hits] for r in results])
+                return np.stack([r.post_ids for r in results])
 
             measure(f"index.search {dtype_name}", b, search)
         del index
@@ -194,6 +196,16 @@ def main() -> int:
                     return torch.topk(scores, args.k, dim=1)[1].cpu().numpy() + 1
 
                 measure("bf16 gemm bf16 query (fp32 scores)", b, gemm)
+
+                def one_term(q, cb=cb):
+                    chunk_elements = DEVICE_MAX_SCORE_ELEMENTS["cuda"]
+                    top = _exact_topk(
+                        q.to(device), cb, args.k, masked, None, ties, chunk_elements, None, False,
+                        gemm=True, defer_ties=True, query_terms=1,
+                    )  # fmt: skip
+                    return ties[top[1].clamp(min=0)].cpu().numpy()
+
+                measure("topk bf16 1-term query", b, one_term)
         del cb
 
     _print(rows, args, threads, device)

@@ -57,8 +57,13 @@ def result_to_proto(result: SearchResult) -> retrieval_gateway_pb2.RetrieveRespo
     response = retrieval_gateway_pb2.RetrieveResponse(
         corpus_version=result.version, model_fingerprint=result.fingerprint
     )
-    for hit in result.hits:
-        response.items.add(
-            post_id=hit.post_id, author_id=hit.author_id, score=hit.score, attributes=hit.attributes
-        )
+    add = response.items.add
+    for post_id, author_id, score, attributes in zip(
+        result.post_ids.tolist(), result.author_ids.tolist(), result.scores.tolist(), result.attributes,
+        strict=True,
+    ):  # fmt: skip
+        if attributes:
+            add(post_id=post_id, author_id=author_id, score=score, attributes=attributes)
+        else:  # most items: no map to build
+            add(post_id=post_id, author_id=author_id, score=score)
     return response

@@ -75,9 +75,26 @@ class Hit:
 
 @dataclass(frozen=True)
 class SearchResult:
-    hits: list[Hit]  # descending score, ties by ascending post_id
+    """One query's hits as columns (descending score, ties by ascending post id): no object per hit,
+    so a batch of 32 x k=1000 costs array slices, not 32,000 allocations."""
+
+    post_ids: np.ndarray  # [n] int64
+    author_ids: np.ndarray  # [n] int64
+    scores: np.ndarray  # [n] float32
+    attributes: list[Attributes]  # [n]
     version: int
     fingerprint: str
+
+    @property
+    def hits(self) -> list[Hit]:
+        """Row objects, for callers that want them (tests, tools); the serving path reads columns."""
+        return [
+            Hit(p, a, s, attrs)
+            for p, a, s, attrs in zip(
+                self.post_ids.tolist(), self.author_ids.tolist(), self.scores.tolist(), self.attributes,
+                strict=True,
+            )
+        ]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -190,22 +207,18 @@ class CorpusIndex:
                 fused_gemv=self.fused_gemv,
             )
             scores, top = scores.cpu().numpy(), top.cpu().numpy()
-            keeps = []
-            for b, q in enumerate(batch):
-                keep = top[b, : q.k]
-                keeps.append(keep[keep >= 0])
-            hit_rows = np.concatenate(keeps)
-            post_ids, author_ids = rows.post_ids[hit_rows].tolist(), rows.author_ids[hit_rows].tolist()
+            counts = [int((top[b, : q.k] >= 0).sum()) for b, q in enumerate(batch)]  # eligible rows first
+            hit_rows = np.concatenate([top[b, :n] for b, n in enumerate(counts)])
+            post_ids, author_ids = rows.post_ids[hit_rows], rows.author_ids[hit_rows]
             attributes = rows.attributes(hit_rows)  # decoded only for the hits, in one pass
             at = 0
             for b, i in enumerate(todo):
-                n = len(keeps[b])
-                hits = [
-                    Hit(post_ids[j], author_ids[j], s, attributes[j])
-                    for j, s in zip(range(at, at + n), scores[b, :n].tolist(), strict=True)
-                ]
+                n = counts[b]
+                results[i] = SearchResult(
+                    post_ids[at : at + n], author_ids[at : at + n], scores[b, :n], attributes[at : at + n],
+                    rows.version, rows.fingerprint,
+                )  # fmt: skip
                 at += n
-                results[i] = SearchResult(hits, rows.version, rows.fingerprint)
             return results
 
     def _exclusions(

@@ -20,7 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_MAX_SCORE_ELEMENTS = 1 << 24  # 64 MiB of fp32 scores per chunk
+DEFAULT_MAX_SCORE_ELEMENTS = 1 << 24  # 64 MiB of fp32 scores per chunk (the cpu default)
+# Per device when none is given: on cuda a chunk loop of many small top-ks costs far more than the
+# memory (B=32 over 10M rows: 20 chunks of 64 MiB took 13.6 ms on an H200, the whole product at once
+# 4.7 ms); 1 GiB of scores is a small part of any data-centre GPU.
+DEVICE_MAX_SCORE_ELEMENTS = {"cpu": DEFAULT_MAX_SCORE_ELEMENTS, "cuda": 1 << 28}
 # Rows of a reduced-precision matrix widened to fp32 at once (CPU: stays in the last-level cache).
 DEFAULT_UPCAST_ROWS = {"cpu": 32_768, "cuda": 1 << 20}
 _REDUCED = (torch.bfloat16, torch.float16)
@@ -37,7 +41,7 @@ def exact_topk(
     masked_rows: torch.Tensor | None = None,
     exclude: tuple[torch.Tensor, torch.Tensor] | None = None,
     tie_ids: torch.Tensor | None = None,
-    max_score_elements: int = DEFAULT_MAX_SCORE_ELEMENTS,
+    max_score_elements: int | None = None,
     upcast_rows: int | None = None,
     fused_gemv: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +51,7 @@ def exact_topk(
     precision rows are scored against the fp32 query with fp32 accumulation and fp32 scores: on CPU
     by widening a cache-sized slice at a time, on cuda by a GEMM in the storage dtype against the
     query split into two terms (hi + lo, ~16 significant bits), so both devices agree to ~1e-6.
+    max_score_elements: scores materialised at once (B x chunk rows); None = DEVICE_MAX_SCORE_ELEMENTS.
     masked_rows [M] int64: rows never returned (deleted). exclude: (query index [E], row [E]) pairs
     never returned for that query. Pass both on the host (CPU tensors) to spare the device a copy
     back: they are split by chunk on the host. tie_ids [N] int64: equal scores rank by ascending tie
@@ -60,6 +65,8 @@ def exact_topk(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     on_device = matrix.device.type != "cpu"
+    if max_score_elements is None:
+        max_score_elements = DEVICE_MAX_SCORE_ELEMENTS.get(matrix.device.type, DEFAULT_MAX_SCORE_ELEMENTS)
     return _exact_topk(
         queries, matrix, k, masked_rows, exclude, tie_ids, max_score_elements, upcast_rows, fused_gemv,
         gemm=on_device and matrix.dtype in _REDUCED and _MM_OUT_DTYPE, defer_ties=on_device,
@@ -79,12 +86,15 @@ def _exact_topk(
     *,
     gemm: bool,
     defer_ties: bool,
+    query_terms: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """exact_topk with the device strategy explicit (tests force the cuda one on CPU).
 
     gemm: score reduced-precision rows with `_split_product` (fp32-output GEMM) instead of widening.
     defer_ties: flag ties at a chunk's cut on the device and rerun once after the loop if any was
-    flagged, instead of resolving them inside the loop (which reads the flags on the host)."""
+    flagged, instead of resolving them inside the loop (which reads the flags on the host).
+    query_terms: with gemm, 2 = hi + lo query (see _split_query), 1 = the bf16-rounded query alone
+    (index_bench's investigation row: what the second term costs and what it buys in recall)."""
     device = matrix.device
     batch, n = queries.shape[0], matrix.shape[0]
     kk = min(k, n)
@@ -98,6 +108,8 @@ def _exact_topk(
     upcast = upcast_rows or DEFAULT_UPCAST_ROWS.get(device.type, 1 << 20)
     fused = fused_gemv and batch == 1 and device.type == "cpu"
     split = _split_query(q, matrix.dtype) if gemm and matrix.dtype in _REDUCED else None
+    if split is not None and query_terms == 1:
+        split = split[:batch]  # hi only
     deleted = _ChunkMasks.of_rows(masked_rows, n, chunk, device)
     excluded = _ChunkMasks.of_pairs(exclude, n, chunk, device)
     tied = torch.zeros(batch, dtype=torch.bool, device=device) if defer_ties else None
@@ -107,7 +119,7 @@ def _exact_topk(
         if fused:
             scores = fused_gemv_kernel()(q[0], block)[None]  # [1, c]
         elif split is not None:
-            scores = _split_product(split, block)  # [B, c]
+            scores = _split_product(split, block, batch)  # [B, c]
         else:
             scores = _scores(q, block, upcast)  # [B, c]
         deleted.fill(scores, i, start)
@@ -127,7 +139,7 @@ def _exact_topk(
     if tied is not None and bool(tied.any()):
         return _exact_topk(
             queries, matrix, k, masked_rows, exclude, tie_ids, max_score_elements, upcast_rows, fused_gemv,
-            gemm=gemm, defer_ties=False,
+            gemm=gemm, defer_ties=False, query_terms=query_terms,
         )  # fmt: skip
     best_r = best_r.masked_fill(best_s == float("-inf"), -1)
     return best_s, best_r
@@ -235,10 +247,12 @@ def _split_query(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([hi, lo])
 
 
-def _split_product(split: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """split [2B, D] (hi rows, then lo rows) @ block [c, D]ᵀ in block's dtype -> [B, c] fp32."""
-    b = split.shape[0] // 2
+def _split_product(split: torch.Tensor, block: torch.Tensor, b: int) -> torch.Tensor:
+    """split [2B, D] (hi rows, then lo rows; or [B, D], hi only) @ block [c, D]ᵀ in block's dtype ->
+    [B, c] fp32."""
     both = _mm_fp32(split, block.T)  # [2B, c] fp32
+    if split.shape[0] == b:
+        return both
     return both[:b].add_(both[b:])  # the first B rows of a row-major [2B, c]: contiguous
 
 

@@ -124,9 +124,14 @@ def test_cuda_matches_cpu():
     for dtype in (torch.float32, torch.bfloat16):
         m = torch.from_numpy(matrix).to(dtype)
         cpu = exact_topk(torch.from_numpy(queries), m, 100)
-        gpu = exact_topk(torch.from_numpy(queries).cuda(), m.cuda(), 100)
-        assert torch.equal(cpu[1], gpu[1].cpu())
-        torch.testing.assert_close(cpu[0], gpu[0].cpu(), atol=1e-5, rtol=0)
+        gpu_s, gpu_r = (t.cpu() for t in exact_topk(torch.from_numpy(queries).cuda(), m.cuda(), 100))
+        # The devices sum the D products in different orders (~1e-7 apart): rows whose scores are that
+        # close may trade places, nothing else. Scores agree; each returned row's CPU score is its own.
+        torch.testing.assert_close(cpu[0], gpu_s, atol=1e-5, rtol=0)
+        cpu_all = torch.from_numpy(queries) @ m.float().T
+        torch.testing.assert_close(cpu_all.gather(1, gpu_r), cpu[0], atol=1e-5, rtol=0)
+        swapped = (cpu[1] != gpu_r).float().mean().item()
+        assert swapped <= 0.02, f"{swapped:.1%} of places differ"
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 7])

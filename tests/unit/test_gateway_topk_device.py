@@ -53,7 +53,7 @@ def test_device_path_resolves_ties_at_the_cut_after_the_loop(max_elements, monke
         # The 2nd query's scores are all 0: a chunk longer than k is cut inside a tie, hence one rerun
         # (chunks of exactly k rows are taken whole, and lex_top orders the merge).
         cut = max(k, min(40, max_elements // 2)) > k
-        assert calls == ([{"gemm": True, "defer_ties": False}] if cut else [])
+        assert calls == ([{"gemm": True, "defer_ties": False, "query_terms": 2}] if cut else [])
 
 
 def test_device_path_without_ties_runs_once(monkeypatch):
