@@ -10,20 +10,21 @@ levels): one tqdm bar, shown in one of two ways.
 
 Services always take the second form (`live=False`): their stderr carries log lines from several
 threads, which a redrawn bar would interleave with. Callers update per batch or chunk, never per item:
-an update is a counter add and, at most once an interval, a clock read.
+an update is a counter add and, at most once an interval, a clock read. A tool that prints results
+while a live bar shows prints them with `print_above` (tqdm.write: the bar is cleared, the line
+written, the bar redrawn below it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
-from collections.abc import Iterator
-from typing import TextIO
+from collections.abc import Iterable, Sequence
+from typing import TextIO, TypeVar
 
 from tqdm import tqdm
-from tqdm.contrib import DummyTqdmFile
-from tqdm.contrib.logging import logging_redirect_tqdm
+
+T = TypeVar("T")
 
 LINE_EVERY_S = 5.0  # a plain progress line at most this often
 LINE_FORMAT = (
@@ -72,20 +73,23 @@ def progress_bar(
     stream: TextIO | None = None,
     disable: bool = False,
     level: int = logging.INFO,
+    iterable: Sequence | None = None,
 ) -> tqdm:
     """A tqdm bar over `total` units (use it as a context manager, or close it). `live=None`: a live
     bar when `stream` (default stderr) is a terminal, plain lines otherwise (through `logger` when
-    given). Postfixes (`bar.set_postfix_str(s, refresh=False)`) end each line."""
+    given). Postfixes (`bar.set_postfix_str(s, refresh=False)`) end each line. With `iterable`,
+    iterating the bar yields its items and counts each when the loop body is done."""
     stream = sys.stderr if stream is None else stream
     if live is None:
         live = _isatty(stream)
     if live:
         return tqdm(
-            total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True, leave=True, disable=disable
-        )
+            iterable, total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True, leave=True,
+            disable=disable,
+        )  # fmt: skip
     lines = _Lines(logger, stream, level)
     bar = _LineBar(
-        total=total, desc=desc, unit=unit, file=lines, disable=disable, bar_format=LINE_FORMAT,
+        iterable, total=total, desc=desc, unit=unit, file=lines, disable=disable, bar_format=LINE_FORMAT,
         mininterval=every_s, miniters=1,  # the clock decides, not a count of updates
         leave=True, position=0,  # position 0: never a cursor move written into a log line
     )  # fmt: skip
@@ -93,15 +97,18 @@ def progress_bar(
     return bar
 
 
-@contextlib.contextmanager
-def output_above(bar: tqdm) -> Iterator[None]:
-    """While a live `bar` shows, lines printed to stdout and console log records are written above it
-    (tqdm.write) rather than through it. Does nothing for a line bar."""
-    if isinstance(bar, _LineBar) or bar.disable:
-        yield
-        return
-    with logging_redirect_tqdm(), contextlib.redirect_stdout(DummyTqdmFile(sys.stdout)):
-        yield
+def progress_over(items: Sequence[T], desc: str, **kwargs) -> Iterable[T]:
+    """`for level in progress_over(levels, "e2e levels", unit="level")`: a benchmark's levels one by one
+    under a progress bar (closed when the loop ends); keyword arguments as for `progress_bar`."""
+    return progress_bar(len(items), desc, iterable=items, **kwargs)
+
+
+def print_above(line: str, file: TextIO | None = None) -> None:
+    """Print a line (to stdout by default) above any live bar instead of through it, and flush (a
+    benchmark's results show as each level ends, in a pipe too)."""
+    out = sys.stdout if file is None else file
+    tqdm.write(line, file=out)
+    out.flush()
 
 
 def _isatty(stream: TextIO) -> bool:

@@ -7,12 +7,11 @@ import io
 import itertools
 import json
 import logging
-import sys
 import time
 
 from tqdm import tqdm
 
-from shared.progress import output_above, progress_bar
+from shared.progress import print_above, progress_bar, progress_over
 from shared.server.logs import configure_logging
 
 EVERY_S = 0.05
@@ -100,14 +99,21 @@ def test_a_disabled_bar_writes_nothing(caplog):
     assert stream.getvalue() == "" and not _messages(caplog, "probe.off")
 
 
-def test_prints_go_above_a_live_bar_and_untouched_beside_a_line_bar(capsys):
-    stdout = sys.stdout
-    with progress_bar(2, "levels", unit="level", stream=_Terminal()) as bar, output_above(bar):
-        assert sys.stdout is not stdout  # routed through tqdm.write
-        print("c=1: 100 QPS")
+def test_levels_iterated_under_a_bar_are_counted_as_each_loop_body_ends(caplog):
+    caplog.set_level(logging.INFO, logger="probe.levels")
+    log = logging.getLogger("probe.levels")
+    seen = list(progress_over([1, 8, 64], "e2e levels", unit="level", logger=log))
+    (last,) = _messages(caplog, "probe.levels")  # the bar closes when the loop ends
+    assert seen == [1, 8, 64] and last.getMessage().startswith("e2e levels: 3/3 (100%) in ")
+
+
+def test_a_line_printed_above_a_live_bar_clears_it_and_redraws_it_below():
+    terminal = _Terminal()
+    with progress_bar(2, "levels", unit="level", stream=terminal) as bar:
         bar.update()
-    assert sys.stdout is stdout
-    with progress_bar(2, "levels", unit="level", stream=io.StringIO()) as bar, output_above(bar):
-        assert sys.stdout is stdout
-        print("c=8: 700 QPS")
-    assert capsys.readouterr().out == "c=1: 100 QPS\nc=8: 700 QPS\n"
+        before = len(terminal.getvalue())
+        print_above("c=1: 100 QPS", file=terminal)
+        after = terminal.getvalue()[before:]
+    cleared, _, redrawn = after.partition("c=1: 100 QPS\n")
+    assert cleared.startswith("\r") and not cleared.strip()  # the bar line blanked first
+    assert redrawn.startswith("\rlevels:  50%|")
