@@ -36,6 +36,18 @@ class _LineBar(tqdm):
     # Lines need no monitor thread: that thread only forces redraws of bars whose dynamic `miniters`
     # grew large, and a line bar checks the clock on every update (miniters=1).
     monitor_interval = 0
+    shown: tuple | None = None  # (count, postfix) of the last line written
+
+    def display(self, msg=None, pos=None):
+        self.shown = (self.n, self.postfix)
+        return super().display(msg, pos)
+
+    def close(self) -> None:
+        # The last line only when it says something new: a line written just before (the last
+        # update fell after an interval) already gives the final count.
+        if not self.disable and self.shown == (self.n, self.postfix):
+            self.leave = False
+        super().close()
 
 
 class _Lines:
@@ -94,6 +106,7 @@ def progress_bar(
         leave=True, position=0,  # position 0: never a cursor move written into a log line
     )  # fmt: skip
     lines.started = True
+    bar.shown = None  # the display tqdm made while constructing the bar was not written
     return bar
 
 

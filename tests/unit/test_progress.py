@@ -117,3 +117,18 @@ def test_a_line_printed_above_a_live_bar_clears_it_and_redraws_it_below():
     cleared, _, redrawn = after.partition("c=1: 100 QPS\n")
     assert cleared.startswith("\r") and not cleared.strip()  # the bar line blanked first
     assert redrawn.startswith("\rlevels:  50%|")
+
+
+def test_the_last_line_is_not_repeated_unless_it_says_something_new(caplog):
+    caplog.set_level(logging.INFO, logger="probe.last")
+    log = logging.getLogger("probe.last")
+    with progress_bar(3, "levels", unit="level", logger=log, every_s=0) as bar:  # a line per update
+        bar.update(3)
+    with progress_bar(3, "epoch  1/20", unit="step", logger=log, every_s=0) as bar:
+        bar.update(3)
+        bar.set_postfix_str("val R@10 0.1", refresh=False)  # known only at the end: a last line
+    lines = [r.getMessage() for r in _messages(caplog, "probe.last")]
+    assert [line.split(" in ")[0] for line in lines] == [
+        "levels: 3/3 (100%)", "epoch 1/20: 3/3 (100%)", "epoch 1/20: 3/3 (100%)"
+    ]  # fmt: skip
+    assert lines[-1].endswith(", val R@10 0.1")
