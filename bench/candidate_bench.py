@@ -38,6 +38,7 @@ from candidate_service.encoder import ItemEncoder  # noqa: E402
 from shared.model.checkpoint import load_checkpoint, random_model, save_checkpoint  # noqa: E402
 from shared.model.config import TowerConfig  # noqa: E402
 from shared.model.features import featurize_items  # noqa: E402
+from shared.progress import progress_over  # noqa: E402
 from tests.support import health_status  # noqa: E402
 from twotower.v1 import candidate_tower_pb2 as pb  # noqa: E402
 
@@ -72,7 +73,7 @@ def bench_encode(checkpoint: Path, post_ids: np.ndarray, author_ids: np.ndarray,
     }
     ItemEncoder(loaded, big).encode(post_ids[: 2 * big], author_ids[: 2 * big])  # warm-up
     best = dict.fromkeys(runs, 0.0)
-    for _ in range(repeats):
+    for _ in progress_over(range(repeats), "encode rounds", unit="round"):
         for name, run in runs.items():
             start = time.perf_counter()
             run()

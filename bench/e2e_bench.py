@@ -44,6 +44,7 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 from bench.loadgen import LoadResult, run_load  # noqa: E402
+from shared.progress import print_above, progress_over  # noqa: E402
 from twotower.v1 import retrieval_gateway_pb2  # noqa: E402
 
 RETRIEVE = "/twotower.v1.RetrievalGateway/Retrieve"
@@ -166,7 +167,7 @@ def run_corpus(corpus: e2e_corpus.Corpus, args: argparse.Namespace, workdir: Pat
                              "candidate_service": candidate.proc.pid}) as rss:  # fmt: skip
                 rss.phase = "warmup"
                 asyncio.run(drive(gateway.address, payloads, 8, _warm_args(args)))
-                for c in args.concurrency:
+                for c in progress_over(args.concurrency, f"{corpus.name}: stack levels", unit="level"):
                     rss.phase = f"c={c}"
                     before = gateway.metrics(), user.metrics()
                     cpu0 = [s.cpu() for s in procs] + [cpu_seconds(os.getpid())]
@@ -216,7 +217,7 @@ async def _baseline(
 
     base = await Baseline.load(str(corpus.checkpoint), candidate, args.device)
     rows = []
-    for level in levels:
+    for level in progress_over(levels, f"{corpus.name}: baseline levels", unit="level"):
         b = level["breakdown"]
         bu = round(b["user_batch_mean"] or 1)
         bg = round(b["gateway_batch_mean"] or 1)
@@ -225,21 +226,21 @@ async def _baseline(
             **base.measure(corpus.requests, bu, bg, args.baseline_seconds),
         }
         rows.append(row)
-        print(f"  baseline  c={row['concurrency']:>3} (Bu={bu}, Bg={bg}): p50 {row['p50_ms']:.2f} ms "
-              f"(user {row['user_p50_ms']:.2f} + index {row['index_p50_ms']:.2f}), "
-              f"ceiling {row['qps']:.0f}/s")  # fmt: skip
+        print_above(f"  baseline  c={row['concurrency']:>3} (Bu={bu}, Bg={bg}): p50 {row['p50_ms']:.2f} ms "
+                    f"(user {row['user_p50_ms']:.2f} + index {row['index_p50_ms']:.2f}), "
+                    f"ceiling {row['qps']:.0f}/s")  # fmt: skip
     return rows
 
 
 def _print_level(s: dict) -> None:
     b = s["breakdown"]
     errors = ", ".join(f"{k}={v}" for k, v in s["errors"].items()) or "none"
-    print(f"  stack     c={s['concurrency']:>3}: {s['qps']:8.1f} QPS  p50 {s['p50_ms']:7.2f}  "
-          f"p90 {s['p90_ms']:7.2f}  "
-          f"p99 {s['p99_ms']:7.2f} ms  batches user {b['user_batch_mean'] or 0:.1f} / gateway "
-          f"{b['gateway_batch_mean'] or 0:.1f}  errors {errors}", flush=True)  # fmt: skip
+    print_above(f"  stack     c={s['concurrency']:>3}: {s['qps']:8.1f} QPS  p50 {s['p50_ms']:7.2f}  "
+                f"p90 {s['p90_ms']:7.2f}  "
+                f"p99 {s['p99_ms']:7.2f} ms  batches user {b['user_batch_mean'] or 0:.1f} / gateway "
+                f"{b['gateway_batch_mean'] or 0:.1f}  errors {errors}")  # fmt: skip
     cpu = "  ".join(f"{k} {v:.2f}" for k, v in s.get("cpu_ms_per_request", {}).items())
-    print(f"              CPU ms/request: {cpu}", flush=True)
+    print_above(f"              CPU ms/request: {cpu}")
 
 
 def targets(run: dict) -> dict[str, dict]:

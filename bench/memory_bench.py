@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from bench.common import machine_info, write_json  # noqa: E402
+from shared.progress import print_above, progress_over  # noqa: E402
 
 FP = "memory-bench"
 CHUNK = 16_384  # rows per snapshot chunk: ~4 MiB at D=64 fp32, candidate_service's chunk size
@@ -268,11 +269,11 @@ def main() -> int:
 
     levels = args.levels or ([1_000_000, 10_000_000] if args.full else [1_000_000])
     results = []
-    for n in levels:
-        for design in ("rows", "dicts"):
-            swap = design == "rows" or n <= args.old_swap_max
-            print(f"{design} at {n:,} x {args.dim} bf16 ...", file=sys.stderr, flush=True)
-            results.append(derive(run_worker(design, n, args.dim, swap, args.timeout_s)))
+    cells = [(n, design) for n in levels for design in ("rows", "dicts")]
+    for n, design in progress_over(cells, "memory levels", unit="level"):
+        swap = design == "rows" or n <= args.old_swap_max
+        print_above(f"{design} at {n:,} x {args.dim} bf16 ...", file=sys.stderr)
+        results.append(derive(run_worker(design, n, args.dim, swap, args.timeout_s)))
     text = table(results)
     print(text)
     path = write_json(

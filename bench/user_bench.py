@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from shared.model.checkpoint import random_model, save_checkpoint  # noqa: E402
 from shared.model.config import TowerConfig  # noqa: E402
+from shared.progress import print_above, progress_over  # noqa: E402
 from twotower.v1 import common_pb2, user_tower_pb2  # noqa: E402
 
 METHOD = "/twotower.v1.UserTower/EncodeUsers"
@@ -178,14 +179,14 @@ def main(argv: list[str] | None = None) -> int:
             server = Server(work / "ckpt", batch, work, args)
             try:
                 asyncio.run(wait_ready(server.address))
-                for c in args.concurrency:
+                for c in progress_over(args.concurrency, f"batching {mode}", unit="level"):
                     before = server.batch_stats()
                     result = asyncio.run(run_cell(server.address, requests, c, seconds))
                     after = server.batch_stats()
                     batches = after[1] - before[1]
                     result["mean_batch"] = (after[0] - before[0]) / batches if batches else 0.0
                     rows.append({"batching": mode, "max_batch_size": batch, "concurrency": c, **result})
-                    print(f"  batching {mode:3} c={c:3}: {result['throughput']:8.1f} calls/s", flush=True)
+                    print_above(f"  batching {mode:3} c={c:3}: {result['throughput']:8.1f} calls/s")
             finally:
                 server.stop()
 
