@@ -1,4 +1,4 @@
-"""The one configuration dataclass of candidate_service."""
+"""The one configuration dataclass of candidate_service; its fields declare the flags of __main__."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.server.bootstrap import ServerOptions
+from shared.server.settings import setting
 
 DEFAULT_ENCODE_BATCH_SIZE = 16_384  # items per forward pass when building the corpus
 DEFAULT_MAX_BATCH_ITEMS = 4_096  # items per EncodeItems / UpsertItems / DeleteItems request
@@ -15,27 +16,68 @@ ITEM_STORE_FILE = "items.sqlite3"  # under cache_dir unless --item-store says ot
 
 @dataclass(frozen=True)
 class CandidateConfig:
-    checkpoint: Path  # checkpoint directory (model.safetensors + config.json)
-    cache_dir: Path  # embeddings cache (one file per model fingerprint); default home of the item store
+    """Each `setting` field is a flag of `python -m candidate_service` with env `CANDIDATE_<FIELD>`
+    (shared/server/settings.py); `port_file` and `server` come from the flags every service shares."""
+
+    checkpoint: Path = field(
+        metadata=setting(
+            "checkpoint directory (model.safetensors + config.json)", env="TWOTOWER_CHECKPOINT", metavar="DIR"
+        )
+    )
+    cache_dir: Path = field(
+        metadata=setting("embeddings cache, a file per model; holds the item store by default", metavar="DIR")
+    )
     # Items file (JSONL; Parquet when pyarrow is installed), imported into an empty item store, or into
     # a non-empty one with `import_items`. Otherwise the item store is the record and the file is unused.
-    items: Path | None = None
-    item_store: Path | None = None  # SQLite file of the corpus of record; None = cache_dir/items.sqlite3
-    import_items: bool = False  # upsert the items file's new and changed items into the store at start
-    encode_batch_size: int = DEFAULT_ENCODE_BATCH_SIZE
-    max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS
+    items: Path | None = field(
+        default=None,
+        metadata=setting("items file, JSONL or .parquet, imported into a new item store", metavar="FILE"),
+    )
+    item_store: Path | None = field(
+        default=None,
+        metadata=setting(
+            "SQLite file of the corpus of record; not given: CACHE_DIR/items.sqlite3", metavar="FILE"
+        ),
+    )
+    # No env var: an import is an instruction for one start, not a standing setting.
+    import_items: bool = field(
+        default=False,
+        metadata=setting(
+            "upsert the items file's new and changed items into an existing item store at start (once)",
+            env=None,
+        ),
+    )
+    encode_batch_size: int = field(
+        default=DEFAULT_ENCODE_BATCH_SIZE, metadata=setting("items per forward pass when encoding the corpus")
+    )
+    max_batch_items: int = field(
+        default=DEFAULT_MAX_BATCH_ITEMS,
+        metadata=setting(
+            "items (or ids) per EncodeItems/UpsertItems/DeleteItems call; more is INVALID_ARGUMENT"
+        ),
+    )
     # Recent deltas kept in memory so that a watcher that was briefly away resumes without a snapshot.
-    delta_ring_size: int = 1_024
+    delta_ring_size: int = field(
+        default=1_024, metadata=setting("recent deltas kept for watchers that resume")
+    )
     # Deltas queued for one watcher before it is considered too slow (it then gets a fresh snapshot).
-    watcher_queue_size: int = 256
+    watcher_queue_size: int = field(
+        default=256, metadata=setting("deltas queued per watcher before it gets a fresh snapshot instead")
+    )
     # Consecutive fresh snapshots a watcher may need because it fell behind before it is cut off.
     max_watcher_resyncs: int = 3
     # Open WatchCorpus streams; each may cost a full snapshot, so one more is RESOURCE_EXHAUSTED.
-    max_watchers: int = 64
+    max_watchers: int = field(
+        default=64, metadata=setting("open WatchCorpus streams; one more is RESOURCE_EXHAUSTED")
+    )
     # The embeddings cache is rewritten (in the background) once this many changes are not in it, so
     # that a restart re-encodes at most about this many items.
-    cache_refresh_after_changes: int = 10_000
-    torch_threads: int | None = None  # torch intra-op threads; None = torch's choice
+    cache_refresh_after_changes: int = field(
+        default=10_000, metadata=setting("rewrite the embeddings cache once this many changes are not in it")
+    )
+    torch_threads: int | None = field(
+        default=None, metadata=setting("torch intra-op threads; not given: torch's choice")
+    )
     port_file: Path | None = None  # the bound port is written here once listening
     server: ServerOptions = field(default_factory=ServerOptions)
 

@@ -16,12 +16,13 @@ start-up error, never a handshake failure later.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+from shared.server.settings import Flag, add_flag
 
 
 class TLSConfigError(ValueError):
@@ -119,15 +120,14 @@ def sync_channel(
 
 def add_server_tls_flags(parser: argparse.ArgumentParser, env_prefix: str) -> None:
     """`--tls-cert --tls-key [--tls-client-ca]` with `<env_prefix>_TLS_CERT` ... fallbacks."""
-    e = os.environ.get
     g = parser.add_argument_group("TLS (plaintext when --tls-cert is not given)")
-    g.add_argument("--tls-cert", default=e(f"{env_prefix}_TLS_CERT"), help="PEM server certificate")
-    g.add_argument("--tls-key", default=e(f"{env_prefix}_TLS_KEY"), help="PEM key of --tls-cert")
-    g.add_argument(
-        "--tls-client-ca",
-        default=e(f"{env_prefix}_TLS_CLIENT_CA"),
-        help="PEM CA: require client certificates signed by it (mutual TLS)",
-    )
+    for name, text in (
+        ("cert", "PEM server certificate"),
+        ("key", "PEM key of --tls-cert"),
+        ("client-ca", "PEM CA: require client certificates signed by it (mutual TLS)"),
+    ):
+        env = f"{env_prefix}_TLS_{name.upper().replace('-', '_')}"
+        add_flag(g, Flag(f"--tls-{name}", text, env=env))
 
 
 def server_tls_from_args(args: argparse.Namespace) -> ServerTLS | None:
@@ -143,17 +143,15 @@ def server_tls_from_args(args: argparse.Namespace) -> ServerTLS | None:
 
 def add_client_tls_flags(parser: argparse.ArgumentParser, prefix: str, env_prefix: str, what: str) -> None:
     """`--<prefix>tls-ca [--<prefix>tls-cert --<prefix>tls-key] [--<prefix>tls-server-name]`."""
-    e = os.environ.get
     env = f"{env_prefix}_{prefix.upper().replace('-', '_')}TLS"
     g = parser.add_argument_group(f"TLS to {what} (plaintext when --{prefix}tls-ca is not given)")
-    g.add_argument(f"--{prefix}tls-ca", default=e(f"{env}_CA"), help="PEM CA that server certs chain to")
-    g.add_argument(f"--{prefix}tls-cert", default=e(f"{env}_CERT"), help="PEM client cert (mutual TLS)")
-    g.add_argument(f"--{prefix}tls-key", default=e(f"{env}_KEY"), help="PEM key of the client cert")
-    g.add_argument(
-        f"--{prefix}tls-server-name",
-        default=e(f"{env}_SERVER_NAME"),
-        help="name expected in the server certificate (default: the host of the address)",
-    )
+    for name, text in (
+        ("ca", "PEM CA that server certs chain to"),
+        ("cert", "PEM client cert (mutual TLS)"),
+        ("key", "PEM key of the client cert"),
+        ("server-name", "name expected in the server certificate; not given: the host of the address"),
+    ):
+        add_flag(g, Flag(f"--{prefix}tls-{name}", text, env=f"{env}_{name.upper().replace('-', '_')}"))
 
 
 def client_tls_from_args(args: argparse.Namespace, prefix: str = "") -> ClientTLS | None:

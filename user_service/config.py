@@ -1,4 +1,4 @@
-"""The one configuration dataclass of user_service (built by __main__ from flags and env vars)."""
+"""The one configuration dataclass of user_service; its fields declare the flags of __main__."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 from shared.model.features import DEFAULT_MAX_HISTORY_EVENTS
 from shared.server.bootstrap import ServerOptions
+from shared.server.settings import setting
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("fp32", "bf16")
@@ -14,28 +15,70 @@ DTYPES = ("fp32", "bf16")
 
 @dataclass(frozen=True)
 class UserServiceConfig:
-    checkpoint: Path  # checkpoint directory (model.safetensors + config.json)
-    device: str = "auto"  # auto = cuda when present, else cpu
+    """Each `setting` field is a flag of `python -m user_service` with env `USER_SERVICE_<FIELD>`
+    (shared/server/settings.py); `port_file` and `server` come from the flags every service shares."""
+
+    checkpoint: Path = field(
+        metadata=setting(
+            "checkpoint directory (model.safetensors + config.json)", env="TWOTOWER_CHECKPOINT", metavar="DIR"
+        )
+    )
+    device: str = field(
+        default="auto", metadata=setting("auto = cuda when present, else cpu", choices=DEVICES)
+    )
     # fp32: weights and outputs float32 (DTYPE_FLOAT32 on the wire);
     # bf16: weights and outputs bfloat16 (DTYPE_BFLOAT16 on the wire, half the bytes).
-    dtype: str = "fp32"
-    max_batch_size: int = 64  # users per forward pass (1 = batching off)
+    dtype: str = field(
+        default="fp32",
+        metadata=setting(
+            "weights and returned embeddings: fp32 -> DTYPE_FLOAT32, bf16 -> DTYPE_BFLOAT16", choices=DTYPES
+        ),
+    )
+    max_batch_size: int = field(default=64, metadata=setting("users per forward pass; 1 turns batching off"))
     # How long the first queued user waits for others to join its batch. 0 by default: under load,
     # users queue while the previous batch computes and the next batch takes them all, so a wait
     # only adds latency when the service is idle (bench: +3.8 ms per request at concurrency 1).
-    max_wait_ms: float = 0.0
-    max_queue: int = 1024  # users waiting for a forward pass; beyond it callers get RESOURCE_EXHAUSTED
-    max_users_per_call: int = 256  # users in one EncodeUsers request (proto: max_batch_users)
-    max_history_events: int = DEFAULT_MAX_HISTORY_EVENTS  # per user; more is INVALID_ARGUMENT
-    torch_threads: int | None = None  # torch intra-op threads; None = torch's default
+    max_wait_ms: float = field(
+        default=0.0,
+        metadata=setting(
+            "how long a batch waits for more users after its first (0: batches still form from the users "
+            "that queue while the previous batch computes)"
+        ),
+    )
+    max_queue: int = field(
+        default=1024, metadata=setting("users waiting for compute; beyond it calls get RESOURCE_EXHAUSTED")
+    )
+    max_users_per_call: int = field(
+        default=256, metadata=setting("users in one EncodeUsers request; more is INVALID_ARGUMENT")
+    )
+    max_history_events: int = field(
+        default=DEFAULT_MAX_HISTORY_EVENTS,
+        metadata=setting("events accepted per user (only the last S reach the model); more is rejected"),
+    )
+    torch_threads: int | None = field(
+        default=None, metadata=setting("torch intra-op threads; not given: torch's choice")
+    )
     # cuda only: the user tower replays CUDA graphs captured per batch-size bucket (launch overhead of
     # a few hundred small kernels gone at small batches); ignored on cpu.
-    cuda_graphs: bool = True
+    cuda_graphs: bool = field(
+        default=True,
+        metadata=setting(
+            "cuda: replay the user tower from CUDA graphs captured per batch size (1, 2, 4, ... max batch) "
+            "instead of launching every op"
+        ),
+    )
     port_file: Path | None = None  # the bound port is written here once listening
     # Model control (rollouts): the default model and the models held are recorded here, so that a
     # restart comes back on the rolled-out model. None: model control is refused.
-    state_file: Path | None = None
-    max_models: int = 2  # models held at once (two during a rollout)
+    state_file: Path | None = field(
+        default=None,
+        metadata=setting(
+            "JSON record of the models held and the default one (model control / rollouts need it; a "
+            "restart comes back on the recorded models)",
+            metavar="FILE",
+        ),
+    )
+    max_models: int = field(default=2, metadata=setting("models held at once, two during a rollout"))
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:

@@ -7,13 +7,14 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared.server.interceptor import ErrorMappingInterceptor
+from shared.server.settings import setting
 from shared.tls import ServerTLS
 
 logger = logging.getLogger(__name__)
@@ -25,11 +26,22 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 class ServerOptions:
     """Transport settings every service shares; part of each service's config dataclass."""
 
-    host: str = "127.0.0.1"  # loopback unless told otherwise
-    port: int = 0  # 0 = any free port (tests); the bound port is returned by create_server
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # both directions
-    grace_seconds: float = 5.0  # in-flight RPCs may finish within this after SIGTERM
-    metrics_port: int | None = None  # Prometheus HTTP endpoint on `host`; None = off, 0 = any free port
+    # Each field but `tls` is a flag of every service (`<PREFIX>_HOST` ...; the port's default is the
+    # service's own); the TLS flags are shared/tls.py's.
+    # loopback unless told otherwise
+    host: str = field(default="127.0.0.1", metadata=setting("address to bind"))
+    # 0 = any free port (tests); the bound port is returned by create_server
+    port: int = field(default=0, metadata=setting("0 = any free port, see --port-file"))
+    max_message_bytes: int = field(
+        default=DEFAULT_MAX_MESSAGE_BYTES, metadata=setting("largest gRPC message, both directions")
+    )
+    grace_seconds: float = field(
+        default=5.0, metadata=setting("on SIGTERM/SIGINT, in-flight RPCs may finish within this")
+    )
+    # Prometheus HTTP endpoint on `host`; None = off, 0 = any free port
+    metrics_port: int | None = field(
+        default=None, metadata=setting("Prometheus HTTP port; off when not given, 0 = any free port")
+    )
     tls: ServerTLS | None = None  # None = plaintext; with client_ca = mutual TLS (client certs required)
 
     def __post_init__(self) -> None:

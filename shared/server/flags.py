@@ -1,7 +1,8 @@
 """Command-line flags every service shares, so the three `__main__` modules declare only their own.
 
-`add_server_flags` adds --host --port --port-file --metrics-port --max-message-bytes --grace-seconds
---log-level and the server TLS flags, each with an `<ENV_PREFIX>_<FLAG>` environment fallback;
+`add_server_flags` adds the `ServerOptions` settings (--host --port --max-message-bytes --grace-seconds
+--metrics-port), the `ProcessOptions` ones (--port-file --log-level --log-format) and the server TLS
+flags, each with an `<ENV_PREFIX>_<FLAG>` environment fallback (see shared/server/settings.py);
 `server_options_from_args` turns them into `ServerOptions`; `run_service` is the shared `main` body.
 """
 
@@ -10,51 +11,46 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.server.bootstrap import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions
+from shared.server.bootstrap import ServerOptions
 from shared.server.logs import LOG_FORMATS, configure_logging
+from shared.server.settings import add_settings, setting, settings_from_args
 from shared.tls import add_server_tls_flags, server_tls_from_args
 
 logger = logging.getLogger(__name__)
 
 
-def add_server_flags(parser: argparse.ArgumentParser, env_prefix: str, default_port: int) -> None:
-    # Env-var fallbacks go through argparse's `type`, so a bad value gets the same usage error.
-    e = os.environ.get
-    parser.add_argument("--host", default=e(f"{env_prefix}_HOST", "127.0.0.1"), help="address to bind")
-    parser.add_argument("--port", type=int, default=e(f"{env_prefix}_PORT", str(default_port)),
-                        help="0 = any free port (see --port-file)")  # fmt: skip
-    parser.add_argument(
-        "--port-file", type=Path, default=None, help="write the bound port here once listening"
+@dataclass(frozen=True)
+class ProcessOptions:
+    """Settings of the process around the server (read from the flags by `run_service` and `serve`)."""
+
+    # No env var: a port file belongs to one start (tests, run-stack), not to an environment.
+    port_file: Path | None = field(
+        default=None, metadata=setting("write the bound port here once listening", env=None, metavar="FILE")
     )
-    parser.add_argument("--metrics-port", type=int, default=e(f"{env_prefix}_METRICS_PORT"),
-                        help="Prometheus HTTP port (off when not given)")  # fmt: skip
-    parser.add_argument("--max-message-bytes", type=int,
-                        default=e(f"{env_prefix}_MAX_MESSAGE_BYTES", str(DEFAULT_MAX_MESSAGE_BYTES)),
-                        help="largest gRPC message, both directions")  # fmt: skip
-    parser.add_argument("--grace-seconds", type=float, default=e(f"{env_prefix}_GRACE_SECONDS", "5"),
-                        help="on SIGTERM/SIGINT, in-flight RPCs may finish within this")  # fmt: skip
-    parser.add_argument("--log-level", default=e(f"{env_prefix}_LOG_LEVEL", "INFO"))
-    parser.add_argument("--log-format", choices=LOG_FORMATS,
-                        default=e(f"{env_prefix}_LOG_FORMAT", "plain"),
-                        help=f"plain, or one JSON object a line (env {env_prefix}_LOG_FORMAT)")  # fmt: skip
+    log_level: str = field(default="INFO", metadata=setting("DEBUG, INFO, WARNING or ERROR"))
+    log_format: str = field(
+        default="plain",
+        metadata=setting(
+            "plain, or one JSON object a line (time, level, logger, message, ...)", choices=LOG_FORMATS
+        ),
+    )
+
+
+def add_server_flags(parser: argparse.ArgumentParser, env_prefix: str, default_port: int) -> None:
+    group = parser.add_argument_group("server (every service)")
+    add_settings(group, ServerOptions, env_prefix, defaults={"port": default_port})
+    add_settings(group, ProcessOptions, env_prefix)
     add_server_tls_flags(parser, env_prefix)
 
 
 def server_options_from_args(args: argparse.Namespace) -> ServerOptions:
-    return ServerOptions(
-        host=args.host,
-        port=args.port,
-        max_message_bytes=args.max_message_bytes,
-        grace_seconds=args.grace_seconds,
-        metrics_port=args.metrics_port,
-        tls=server_tls_from_args(args),
-    )
+    return ServerOptions(**settings_from_args(ServerOptions, args), tls=server_tls_from_args(args))
 
 
 def run_service(
