@@ -55,8 +55,10 @@ def retrieve_spec_from_proto(
 
 def result_to_proto(result: SearchResult) -> retrieval_gateway_pb2.RetrieveResponse:
     response = retrieval_gateway_pb2.RetrieveResponse(
-        corpus_version=result.version, model_fingerprint=result.fingerprint
-    )
+        corpus_version=result.version, model_fingerprint=result.fingerprint,
+        partial=bool(result.missing_shards), missing_shards=result.missing_shards,
+        shard_corpus_versions=result.shard_versions,
+    )  # fmt: skip
     add = response.items.add
     for post_id, author_id, score, attributes in zip(
         result.post_ids.tolist(), result.author_ids.tolist(), result.scores.tolist(), result.attributes,

@@ -21,7 +21,9 @@ from tqdm import tqdm
 
 from retrieval_gateway import metrics
 from retrieval_gateway.index import CorpusGap, CorpusIndex
+from retrieval_gateway.sharding import ShardFilter
 from shared import codec
+from shared.channels import balanced_options
 from shared.corpus_rows import AttributeColumn, AttributeColumnBuilder, Delta
 from shared.errors import InvalidInput
 from shared.progress import progress_bar
@@ -29,6 +31,7 @@ from shared.tls import ClientTLS, aio_channel
 from twotower.v1 import candidate_tower_pb2, candidate_tower_pb2_grpc, common_pb2
 
 logger = logging.getLogger(__name__)
+_CANDIDATE_SERVICE = candidate_tower_pb2.DESCRIPTOR.services_by_name["CandidateTower"].full_name
 
 _FLOATS = (common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_BFLOAT16, common_pb2.DTYPE_FLOAT16)
 _INT64 = (common_pb2.DTYPE_INT64,)
@@ -40,21 +43,28 @@ class SnapshotAssembler:
     attributes encoded chunk by chunk (never one Python dict per item)."""
 
     def __init__(
-        self, first: candidate_tower_pb2.SnapshotChunk, max_items: int, dtype: torch.dtype = torch.float32
-    ) -> None:
+        self, first: candidate_tower_pb2.SnapshotChunk, max_items: int, dtype: torch.dtype = torch.float32,
+        shard: ShardFilter | None = None,
+    ) -> None:  # fmt: skip
         if first.chunk_index != 0 or first.num_chunks < 1:
             raise CorpusGap(f"snapshot starts at chunk {first.chunk_index} of {first.num_chunks}")
         if first.total_items > max_items:
             raise CorpusGap(f"snapshot of {first.total_items} items exceeds max_corpus_items={max_items}")
         self.head = first
-        self.total = first.total_items
+        self.total = first.total_items  # rows on the wire
         self.dtype = dtype
-        self.filled = 0
+        # A shard keeps only its own rows: how many is known at the end, so rows are kept per chunk and
+        # joined once complete (a shard's peak is twice its own share, never the whole corpus).
+        self.shard = shard if shard is not None and shard.count > 1 else None
+        kept = 0 if self.shard is not None else self.total
+        self.filled = 0  # rows received
+        self.kept = 0  # rows stored
         self.next_chunk = 0
-        self.post_ids = np.zeros(self.total, np.int64)
-        self.author_ids = np.zeros(self.total, np.int64)
-        self._attributes = AttributeColumnBuilder(self.total)
-        self.embeddings: torch.Tensor | None = None  # [total, D] in `dtype`, allocated from the first rows
+        self.post_ids = np.zeros(kept, np.int64)
+        self.author_ids = np.zeros(kept, np.int64)
+        self._attributes = AttributeColumnBuilder(None if self.shard is not None else self.total)
+        self.embeddings: torch.Tensor | None = None  # [kept, D] in `dtype`, allocated from the first rows
+        self._parts: list[tuple[np.ndarray, np.ndarray, torch.Tensor]] = []  # a shard's chunks
 
     def add(self, chunk: candidate_tower_pb2.SnapshotChunk) -> bool:
         """Add the next chunk; True when the snapshot is complete."""
@@ -73,23 +83,54 @@ class SnapshotAssembler:
         if len(chunk.attributes) != n or self.filled + n > self.total:
             raise CorpusGap(f"snapshot chunk {chunk.chunk_index}: {n} rows do not fit the announced total")
         if self.embeddings is None:
-            self.embeddings = torch.empty(self.total, emb.shape[1], dtype=self.dtype)
+            self.embeddings = torch.empty(
+                self.total if self.shard is None else 0, emb.shape[1], dtype=self.dtype
+            )
         elif emb.shape[1] != self.embeddings.shape[1]:
             raise CorpusGap(f"snapshot chunk {chunk.chunk_index}: width {emb.shape[1]} changed")
-        sl = slice(self.filled, self.filled + n)
-        self.post_ids[sl], self.author_ids[sl], self.embeddings[sl] = posts, authors, emb.to(self.dtype)
-        self._attributes.extend(dict(a.attributes) if a.attributes else None for a in chunk.attributes)
+        attributes = chunk.attributes
+        if self.shard is not None:
+            mine = self.shard.mask(posts)
+            rows = np.flatnonzero(mine)
+            posts, authors, emb = posts[mine], authors[mine], emb[torch.from_numpy(rows)]
+            attributes = [attributes[i] for i in rows.tolist()]
+            self._parts.append((posts, authors, emb.to(self.dtype)))
+        else:
+            sl = slice(self.filled, self.filled + n)
+            self.post_ids[sl], self.author_ids[sl], self.embeddings[sl] = posts, authors, emb.to(self.dtype)
+        self._attributes.extend(dict(a.attributes) if a.attributes else None for a in attributes)
         self.filled += n
+        self.kept += len(posts)
         self.next_chunk += 1
         if self.next_chunk == h.num_chunks:
             if self.filled != self.total:
                 raise CorpusGap(f"snapshot ended with {self.filled} of {self.total} items")
+            if self.shard is not None:
+                self._join_parts()
             return True
         return False
+
+    def _join_parts(self) -> None:
+        parts, self._parts = self._parts, []
+        if parts:
+            self.post_ids = np.concatenate([p[0] for p in parts])
+            self.author_ids = np.concatenate([p[1] for p in parts])
+            self.embeddings = torch.cat([p[2] for p in parts])
 
     def attributes(self) -> AttributeColumn:
         """The encoded attributes of the complete snapshot (once: the builder lets go of them)."""
         return self._attributes.finish()
+
+
+def _shard_delta(delta: Delta, shard: ShardFilter) -> Delta:
+    """The part of a delta that concerns one shard (its version and fingerprint are the corpus's)."""
+    up = shard.mask(delta.upsert_post_ids)
+    rows = np.flatnonzero(up).tolist()
+    return Delta(
+        delta.version, delta.fingerprint, delta.upsert_post_ids[up], delta.upsert_author_ids[up],
+        delta.upsert_embeddings[up], [delta.upsert_attributes[i] for i in rows],
+        delta.deleted_post_ids[shard.mask(delta.deleted_post_ids)],
+    )  # fmt: skip
 
 
 def _delta_rows(delta: candidate_tower_pb2.CorpusDelta, dim: int) -> Delta:
@@ -124,8 +165,10 @@ class CorpusFollower:
         backoff_max_s: float,
         on_change: Callable[[], None] = lambda: None,
         tls: ClientTLS | None = None,
+        shard: ShardFilter | None = None,
     ) -> None:
         self.address = address
+        self.shard = shard if shard is not None and shard.count > 1 else None  # None: every item
         self._tls = tls  # None = plaintext
         self.index = index
         # grpc's own reconnect backoff grows to 120 s by default: cap it at ours so that a restarted
@@ -136,6 +179,9 @@ class CorpusFollower:
             ("grpc.initial_reconnect_backoff_ms", min(1000, cap_ms)),
             ("grpc.min_reconnect_backoff_ms", min(1000, cap_ms)),
             ("grpc.max_reconnect_backoff_ms", cap_ms),
+            # the corpus stream is one long call: round_robin only spreads the gateways of a target
+            # that names several candidate_service replicas (there is one writer of record)
+            *balanced_options(_CANDIDATE_SERVICE, health_check=False),
         ]
         self._max_items = max_corpus_items
         self._backoff = (backoff_initial_s, backoff_max_s)
@@ -226,7 +272,7 @@ class CorpusFollower:
         if kind == "snapshot_chunk":
             chunk = event.snapshot_chunk
             if chunk.chunk_index == 0:
-                self._assembler = SnapshotAssembler(chunk, self._max_items, self.index.dtype)
+                self._assembler = SnapshotAssembler(chunk, self._max_items, self.index.dtype, self.shard)
                 self._start_snapshot_progress(chunk)
             elif self._assembler is None:
                 raise CorpusGap(f"snapshot chunk {chunk.chunk_index} without chunk 0")
@@ -284,7 +330,8 @@ class CorpusFollower:
             bar.close()
 
     def _apply_delta(self, delta: candidate_tower_pb2.CorpusDelta, dim: int) -> None:
-        self.index.apply_delta(_delta_rows(delta, dim))
+        rows = _delta_rows(delta, dim)
+        self.index.apply_delta(rows if self.shard is None else _shard_delta(rows, self.shard))
 
 
 def _dim_of(chunk: candidate_tower_pb2.SnapshotChunk) -> int:

@@ -19,9 +19,19 @@ from retrieval_gateway.config import GatewayConfig
 from retrieval_gateway.convert import retrieve_spec_from_proto
 from retrieval_gateway.follower import CorpusFollower
 from retrieval_gateway.index import CorpusIndex, CorpusInfo, Query, SearchResult, model_mismatch, pick_device
+from retrieval_gateway.router import ShardRouter
+from retrieval_gateway.shard_client import ShardClient
+from retrieval_gateway.sharding import ShardFilter
 from retrieval_gateway.user_client import UserEncoder
 from shared.batching import BatchReport, MicroBatcher
-from shared.errors import DeadlineExpired, InvalidInput, ModelMismatch, NotReady, ServiceError
+from shared.errors import (
+    DeadlineExpired,
+    InvalidInput,
+    ModelMismatch,
+    NotReady,
+    PreconditionFailed,
+    ServiceError,
+)
 from shared.model.features import UserContext
 from shared.server.bootstrap import Health
 from shared.supervision import Supervisor
@@ -30,6 +40,7 @@ from twotower.v1 import retrieval_gateway_pb2
 logger = logging.getLogger(__name__)
 
 _SWITCH_RETRIES = 2  # a request restarts at most this often because the corpus changed model under it
+_ROUTER_SWITCH_RETRIES = 8  # a router's: its shards switch one after another (each wait is bounded)
 _IN_TRANSIT_S = 0.003  # a loopback round trip: the clients of a finished batch sending their next requests
 
 
@@ -41,11 +52,28 @@ class _UserJob:
 
 
 class Gateway:
+    """One of three roles (--role): single (the whole corpus), shard (its slice, scored for a router;
+    no Retrieve), router (no corpus: each scoring batch goes to every shard, see router.py)."""
+
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.device = pick_device(config.device)
-        self.index = CorpusIndex(self.device, config.dtype, config.max_score_elements, config.fused_gemv)
+        self.role = config.role
         options = config.server.channel_options()
+        self.router: ShardRouter | None = None
+        self.index: CorpusIndex | None = None
+        self.follower: CorpusFollower | None = None
+        if self.role == "router":
+            self.device = torch.device("cpu")  # the shards hold the corpus; the router merges on the host
+            shards = [
+                ShardClient(i, len(config.shard_addresses), address, options, config.upstream_tls)
+                for i, address in enumerate(config.shard_addresses)
+            ]
+            self.router = ShardRouter(shards, config.user_timeout_s, config.health_poll_s)
+            search = self.router.search
+        else:
+            self.device = pick_device(config.device)
+            self.index = CorpusIndex(self.device, config.dtype, config.max_score_elements, config.fused_gemv)
+            search = self.index.search
         self.users = UserEncoder(config.user_service, options, tls=config.upstream_tls)
         # Concurrent requests share one EncodeUsers call (user_service batches the forward pass; this
         # saves one RPC per request on both sides). Awaited on the loop: it is I/O, not compute. Several
@@ -63,7 +91,7 @@ class Gateway:
         self._last_batch_size = 0  # ... and its size
         self._encoding = 0  # requests between parsing and the scorer (see _scoring_linger)
         self.batcher: MicroBatcher[Query, SearchResult] = MicroBatcher(
-            self.index.search,
+            search,
             max_batch_size=config.max_batch_size,
             max_wait_s=config.max_wait_ms / 1000.0,
             max_queue=config.max_queue,
@@ -72,16 +100,18 @@ class Gateway:
             linger=self._scoring_linger,
         )
         self._wake = asyncio.Event()
-        self.follower = CorpusFollower(
-            config.candidate_service,
-            self.index,
-            options,
-            max_corpus_items=config.max_corpus_items,
-            backoff_initial_s=config.reconnect_initial_s,
-            backoff_max_s=config.reconnect_max_s,
-            on_change=self._on_corpus_change,
-            tls=config.upstream_tls,
-        )
+        if self.index is not None:
+            self.follower = CorpusFollower(
+                config.candidate_service,
+                self.index,
+                options,
+                max_corpus_items=config.max_corpus_items,
+                backoff_initial_s=config.reconnect_initial_s,
+                backoff_max_s=config.reconnect_max_s,
+                on_change=self._on_corpus_change,
+                tls=config.upstream_tls,
+                shard=ShardFilter(config.shard_index, config.num_shards) if self.role == "shard" else None,
+            )
         self.supervisor = Supervisor(
             backoff_initial_s=config.reconnect_initial_s, backoff_max_s=config.reconnect_max_s
         )
@@ -92,11 +122,16 @@ class Gateway:
         self.batcher.start()
         self.user_batcher.start()
         # Supervised: a crash is logged, counted, shown in GetStatus, and the loop restarted.
-        self.supervisor.spawn("corpus-follower", self.follower.run, lambda _exc: self._follower_crashed())
+        if self.follower is not None:
+            self.supervisor.spawn("corpus-follower", self.follower.run, lambda _exc: self._follower_crashed())
+        if self.router is not None:
+            router = self.router
+            self.supervisor.spawn("shard-status", lambda: router.follow(self.config.health_poll_s))
         self.supervisor.spawn("readiness", lambda: self._track_readiness(health))
 
     def _follower_crashed(self) -> None:
-        self.follower.disconnected("crash")
+        if self.follower is not None:
+            self.follower.disconnected("crash")
         self._wake.set()
 
     async def stop(self) -> None:
@@ -104,15 +139,27 @@ class Gateway:
         await self.user_batcher.stop()
         await self.batcher.stop()
         await self.users.close()
+        if self.router is not None:
+            await self.router.close()
+
+    def corpus_info(self) -> CorpusInfo | None:
+        """The corpus this gateway scores against (a router: what its shards report)."""
+        if self.router is not None:
+            return self.router.info()
+        assert self.index is not None
+        return self.index.info()
 
     def ready(self) -> bool:
-        return self.index.info() is not None and self.users.reachable
+        if self.role == "shard":  # scores for a router: needs its corpus, not user_service
+            return self.corpus_info() is not None
+        return self.corpus_info() is not None and self.users.reachable
 
     async def _track_readiness(self, health: Health) -> None:
         """SERVING once a corpus is in and user_service answers; back to NOT_SERVING while it does not."""
         poll = self.config.health_poll_s
         while True:
-            await self.users.probe(timeout=poll)
+            if self.role != "shard":
+                await self.users.probe(timeout=poll)
             ready = self.ready()
             if ready != health.serving:
                 logger.info(
@@ -124,7 +171,7 @@ class Gateway:
                 await asyncio.wait_for(self._wake.wait(), poll)
 
     def _on_corpus_change(self) -> None:
-        info = self.index.info()
+        info = self.corpus_info()
         if info is not None:
             metrics.CORPUS_VERSION.set(info.version)
             metrics.CORPUS_SIZE.set(info.size)
@@ -174,6 +221,11 @@ class Gateway:
         self, request: retrieval_gateway_pb2.RetrieveRequest, time_remaining: float | None
     ) -> SearchResult:
         cfg = self.config
+        if self.role == "shard":
+            raise PreconditionFailed(
+                f"this gateway is shard {cfg.shard_index} of {cfg.num_shards} (--role shard): it answers its "
+                "router's ScoreShard calls; send Retrieve to the router"
+            )
         spec = retrieve_spec_from_proto(request, cfg.max_k, cfg.max_exclusions, cfg.max_history_events)
         loop = asyncio.get_running_loop()
         deadline = None if time_remaining is None else loop.time() + time_remaining
@@ -182,7 +234,8 @@ class Gateway:
         # swaps the corpus between the two steps (a new model's snapshot), the request starts over
         # with the new model instead of failing: a response never mixes fingerprints, and a rollout
         # fails no request.
-        for attempt in range(_SWITCH_RETRIES + 1):
+        retries = _SWITCH_RETRIES if self.router is None else _ROUTER_SWITCH_RETRIES
+        for attempt in range(retries + 1):
             info = self._corpus_or_raise()  # fail fast, before spending a user_service call
             t0 = time.perf_counter()
             self._encoding += 1
@@ -196,16 +249,25 @@ class Gateway:
             metrics.LATENCY.labels("user_encode").observe(t1 - t0)
             now = self._corpus_or_raise()
             if fingerprint != now.fingerprint:  # checked again, atomically, inside the scoring batch
-                if fingerprint == info.fingerprint and attempt < _SWITCH_RETRIES:
+                if fingerprint == info.fingerprint and attempt < retries:
                     metrics.MODEL_SWITCH_RETRIES.inc()
                     continue  # the corpus moved to another model meanwhile
                 raise model_mismatch(fingerprint, now.fingerprint)
             if embedding.shape[0] != now.dim:
                 raise NotReady(f"user_service returned D={embedding.shape[0]} for a corpus of D={now.dim}")
-            query = Query(embedding, fingerprint, spec.k, spec.exclude_post_ids, spec.exclude_author_ids)
+            query = Query(
+                embedding, fingerprint, spec.k, spec.exclude_post_ids, spec.exclude_author_ids,
+                allow_partial=request.allow_partial, deadline=deadline,
+            )  # fmt: skip
             try:
                 result = await self.batcher.submit(query, deadline)
             except ModelMismatch:
+                if self.router is not None and attempt < retries:
+                    # Shards switch models one after the other: wait (within the deadline) until they
+                    # agree again, then encode with their model. No response mixes models.
+                    await self.router.settle(user_deadline)
+                    metrics.MODEL_SWITCH_RETRIES.inc()
+                    continue
                 if attempt < _SWITCH_RETRIES and self._corpus_or_raise().fingerprint != fingerprint:
                     metrics.MODEL_SWITCH_RETRIES.inc()
                     continue
@@ -289,32 +351,69 @@ class Gateway:
         return embeddings[0], fingerprint
 
     def _corpus_or_raise(self) -> CorpusInfo:
-        info = self.index.info()
+        info = self.corpus_info()
         if info is None:
+            if self.router is not None:
+                raise NotReady("no shard is ready yet (see --shard-addresses and each shard's status)")
             raise NotReady("no corpus yet: waiting for the first snapshot from candidate_service")
         if info.size == 0:
             raise NotReady(f"the corpus is empty (version {info.version}): nothing to retrieve")
         return info
 
     def status(self, serving: bool) -> retrieval_gateway_pb2.GatewayStatus:
-        info = self.index.info()
+        info = self.corpus_info()
         dtype = "DTYPE_BFLOAT16" if self.config.dtype == "bf16" else "DTYPE_FLOAT32"
+        cfg = self.config
         status = retrieval_gateway_pb2.GatewayStatus(
             ready=serving,
             device=str(self.device),
             dtype=dtype,
-            candidate_service_connected=self.follower.connected,
+            candidate_service_connected=self.follower is not None and self.follower.connected,
             user_calls_in_flight=self.user_batcher.batches_in_flight,
+            role=self.role,
+            shard_index=cfg.shard_index if self.role == "shard" else 0,
+            num_shards=len(cfg.shard_addresses) if self.router is not None else cfg.num_shards,
         )
         for state in self.supervisor.states.values():
             status.background_tasks.add(
                 name=state.name, running=state.running, failures=state.failures, last_error=state.last_error
             )
-        status.background_tasks.add(  # errors the follower survived by resyncing
-            name="corpus-stream", running=self.follower.connected, failures=self.follower.errors,
-            last_error=self.follower.last_error,
-        )  # fmt: skip
+        if self.follower is not None:
+            status.background_tasks.add(  # errors the follower survived by resyncing
+                name="corpus-stream", running=self.follower.connected, failures=self.follower.errors,
+                last_error=self.follower.last_error,
+            )  # fmt: skip
         if info is not None:
             status.corpus_version, status.corpus_size = info.version, info.size
-            status.model_fingerprint = info.fingerprint
+            status.model_fingerprint, status.embedding_dim = info.fingerprint, info.dim
         return status
+
+    # ---- shard role ------------------------------------------------------------------------------
+    async def score_shard(
+        self, queries: list[Query], shard_index: int, num_shards: int
+    ) -> tuple[list[SearchResult], int, str]:
+        """A router's batch against this shard's slice, in one pass over one corpus version: (results,
+        version, fingerprint). Every query carries the router's model; another model fails the call."""
+        cfg = self.config
+        if self.role != "shard" or self.index is None:
+            raise PreconditionFailed(
+                f"this gateway has role {self.role}, not shard: ScoreShard is for shards"
+            )
+        if (shard_index, num_shards) != (cfg.shard_index, cfg.num_shards):
+            raise PreconditionFailed(
+                f"the router expects shard {shard_index} of {num_shards}; this is shard {cfg.shard_index} "
+                f"of {cfg.num_shards}: the router's --shard-addresses and the shards' flags disagree"
+            )
+        self._corpus_or_raise()
+        info = self.corpus_info()
+        for q in queries:
+            if info is not None and q.embedding.shape[0] != info.dim:
+                raise InvalidInput(
+                    f"embeddings have D={q.embedding.shape[0]}; this shard's corpus has D={info.dim}"
+                )
+        results = await asyncio.to_thread(self.index.search, queries)
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]  # the same model for every query: a mismatch is the whole call's
+        done = [r for r in results if isinstance(r, SearchResult)]
+        return done, done[0].version, done[0].fingerprint

@@ -63,6 +63,10 @@ class Query:
     k: int
     exclude_post_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # unknown: ignored
     exclude_author_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    # A router's query (sharded gateways): may it be answered by the shards that answer? And by when
+    # (loop.time() seconds; None = the gateway's default timeout) must the shards have answered?
+    allow_partial: bool = False
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,10 @@ class SearchResult:
     attributes: list[Attributes]  # [n]
     version: int
     fingerprint: str
+    # A router's result: shards that did not answer (allow_partial only) and each shard's version
+    # (shard 0 first, 0 = missing); `version` is then the oldest version among them.
+    missing_shards: tuple[int, ...] = ()
+    shard_versions: tuple[int, ...] = ()
 
     @property
     def hits(self) -> list[Hit]:

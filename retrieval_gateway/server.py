@@ -9,7 +9,7 @@ import grpc
 
 from retrieval_gateway.config import GatewayConfig
 from retrieval_gateway.gateway import Gateway
-from retrieval_gateway.servicer import RetrievalGatewayServicer
+from retrieval_gateway.servicer import RetrievalGatewayServicer, ShardScorerServicer
 from shared.server.bootstrap import create_grpc_server, graceful_stop
 from shared.server.lifecycle import run_until_signal
 from twotower.v1 import retrieval_gateway_pb2, retrieval_gateway_pb2_grpc
@@ -17,6 +17,7 @@ from twotower.v1 import retrieval_gateway_pb2, retrieval_gateway_pb2_grpc
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = retrieval_gateway_pb2.DESCRIPTOR.services_by_name["RetrievalGateway"].full_name
+SHARD_SERVICE_NAME = retrieval_gateway_pb2.DESCRIPTOR.services_by_name["ShardScorer"].full_name
 
 
 class GatewayServer:
@@ -26,11 +27,15 @@ class GatewayServer:
         self.config = config
         self.gateway = Gateway(config)
         servicer = RetrievalGatewayServicer(self.gateway)
-        self.server, self.port, self.health = create_grpc_server(
-            config.server,
-            [SERVICE_NAME],
-            lambda s: retrieval_gateway_pb2_grpc.add_RetrievalGatewayServicer_to_server(servicer, s),
-        )
+        shard_servicer = ShardScorerServicer(self.gateway)
+
+        def register(server: grpc.aio.Server) -> None:
+            retrieval_gateway_pb2_grpc.add_RetrievalGatewayServicer_to_server(servicer, server)
+            if config.role == "shard":
+                retrieval_gateway_pb2_grpc.add_ShardScorerServicer_to_server(shard_servicer, server)
+
+        names = [SERVICE_NAME, SHARD_SERVICE_NAME] if config.role == "shard" else [SERVICE_NAME]
+        self.server, self.port, self.health = create_grpc_server(config.server, names, register)
         servicer.health = self.health
 
     async def start(self) -> None:

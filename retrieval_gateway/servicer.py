@@ -6,6 +6,7 @@ import grpc
 
 from retrieval_gateway.convert import result_to_proto
 from retrieval_gateway.gateway import Gateway
+from retrieval_gateway.shard_client import queries_from_request, score_response
 from shared.server.bootstrap import Health
 from twotower.v1 import retrieval_gateway_pb2, retrieval_gateway_pb2_grpc
 
@@ -25,3 +26,19 @@ class RetrievalGatewayServicer(retrieval_gateway_pb2_grpc.RetrievalGatewayServic
         self, request: retrieval_gateway_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> retrieval_gateway_pb2.GatewayStatus:
         return self.gateway.status(serving=self.health is not None and self.health.serving)
+
+
+class ShardScorerServicer(retrieval_gateway_pb2_grpc.ShardScorerServicer):
+    """What a router asks a shard (--role shard): thin, like the client-facing servicer."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def ScoreShard(
+        self, request: retrieval_gateway_pb2.ScoreShardRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_gateway_pb2.ScoreShardResponse:
+        queries = queries_from_request(request, self.gateway.config.max_k)
+        results, version, fingerprint = await self.gateway.score_shard(
+            queries, request.shard_index, request.num_shards
+        )
+        return score_response(results, self.gateway.config.shard_index, version, fingerprint)

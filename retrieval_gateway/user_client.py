@@ -11,6 +11,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared import codec
+from shared.channels import balanced_options
 from shared.convert import user_batch_to_proto
 from shared.errors import DeadlineExpired, InvalidInput, ModelMismatch, NotReady, Overloaded
 from shared.model.features import UserContext
@@ -19,6 +20,7 @@ from twotower.v1 import common_pb2, user_tower_pb2, user_tower_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
+_SERVICE = user_tower_pb2.DESCRIPTOR.services_by_name["UserTower"].full_name
 _EMBEDDING_DTYPES = (common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_BFLOAT16)
 # grpc's reconnect backoff grows to 120 s by default; a restarted user_service should be used again
 # within a second or two, since every Retrieve needs it.
@@ -31,7 +33,10 @@ class UserEncoder:
         self, address: str, channel_options: list[tuple[str, int]], tls: ClientTLS | None = None
     ) -> None:
         self.address = address
-        self._channel = aio_channel(address, [*channel_options, *_RECONNECT], tls)
+        # `address` is a gRPC target: several replicas share the calls (round_robin, health-checked),
+        # and an EncodeUsers caught by a replica's death is sent again to another (shared/channels.py).
+        balanced = balanced_options(_SERVICE, ["EncodeUsers", "GetModels"])
+        self._channel = aio_channel(address, [*channel_options, *_RECONNECT, *balanced], tls)
         self._stub = user_tower_pb2_grpc.UserTowerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.reachable = False  # last known: user_service answered (health SERVING or a good call)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.channels import balanced_options
 from shared.server.bootstrap import DEFAULT_MAX_MESSAGE_BYTES
 from shared.tls import ClientTLS, sync_channel
 from twotower.v1 import (
@@ -31,6 +32,9 @@ from twotower.v1 import (
     retrieval_gateway_pb2,
     retrieval_gateway_pb2_grpc,
 )
+
+_GATEWAY = retrieval_gateway_pb2.DESCRIPTOR.services_by_name["RetrievalGateway"].full_name
+_CANDIDATE = candidate_tower_pb2.DESCRIPTOR.services_by_name["CandidateTower"].full_name
 
 
 @dataclass(frozen=True)
@@ -94,9 +98,16 @@ class TwoTowerClient:
             ("grpc.max_send_message_length", max_message_bytes),
         ]
         self._channels: dict[str, grpc.Channel] = {}
+        # Addresses are gRPC targets (several gateways: `dns:///gateway:50051`, `ipv4:a:p,b:p`): calls
+        # are spread round_robin over the healthy ones and the reads are retried on another when one
+        # goes away (shared/channels.py). Writes are not retried: the caller decides.
+        balanced = {
+            "gateway": balanced_options(_GATEWAY, ["Retrieve", "GetStatus"]),
+            "candidate": balanced_options(_CANDIDATE, ["GetCorpusInfo", "GetRolloutStatus"]),
+        }
         for name, address in (("gateway", gateway), ("candidate", candidate)):
             if address:
-                self._channels[name] = sync_channel(address, options, tls)
+                self._channels[name] = sync_channel(address, [*options, *balanced[name]], tls)
 
     def _channel(self, name: str) -> grpc.Channel:
         if name not in self._channels:

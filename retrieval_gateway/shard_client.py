@@ -1,0 +1,166 @@
+"""Client of one gateway shard (--role shard), for the router: ScoreShard and GetStatus, errors mapped
+to the gateway's domain errors. The proto <-> domain conversion of the shard RPC lives here too, both
+directions, so the wire form of a shard's answer is defined in one file."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import torch
+
+from retrieval_gateway.index import Query, SearchResult
+from retrieval_gateway.sharding import ShardHits
+from shared import codec
+from shared.channels import balanced_options
+from shared.errors import DeadlineExpired, InvalidInput, ModelMismatch, NotReady, ServiceError
+from shared.tls import ClientTLS, aio_channel
+from twotower.v1 import candidate_tower_pb2, common_pb2, retrieval_gateway_pb2, retrieval_gateway_pb2_grpc
+
+_SCORER = retrieval_gateway_pb2.DESCRIPTOR.services_by_name["ShardScorer"].full_name
+_GATEWAY = retrieval_gateway_pb2.DESCRIPTOR.services_by_name["RetrievalGateway"].full_name
+_FLOAT32 = (common_pb2.DTYPE_FLOAT32,)
+
+
+@dataclass(frozen=True)
+class ShardAnswer:
+    index: int
+    hits: list[ShardHits]  # one per query
+    version: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class ShardStatus:
+    ready: bool
+    version: int
+    fingerprint: str
+    size: int
+    dim: int
+
+
+class ShardUnavailable(NotReady):
+    """A shard did not answer (down, overloaded, past the deadline): UNAVAILABLE for the caller."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+# ---- the wire form, both sides -----------------------------------------------------------------
+def score_request(
+    queries: Sequence[Query], fingerprint: str, shard_index: int, num_shards: int
+) -> retrieval_gateway_pb2.ScoreShardRequest:
+    embeddings = torch.stack([q.embedding.float() for q in queries])
+    return retrieval_gateway_pb2.ScoreShardRequest(
+        embeddings=codec.encode(embeddings),
+        model_fingerprint=fingerprint,
+        queries=[
+            retrieval_gateway_pb2.ShardQuery(
+                k=q.k,
+                exclude_post_ids=q.exclude_post_ids.tolist(),
+                exclude_author_ids=q.exclude_author_ids.tolist(),
+            )
+            for q in queries
+        ],
+        shard_index=shard_index,
+        num_shards=num_shards,
+    )
+
+
+def queries_from_request(request: retrieval_gateway_pb2.ScoreShardRequest, max_k: int) -> list[Query]:
+    """The shard's side: the router's queries, checked (a router is a client like any other)."""
+    b = len(request.queries)
+    if b == 0:
+        raise InvalidInput("ScoreShard: no queries")
+    emb = codec.decode_torch(request.embeddings, "embeddings", _FLOAT32, shape=(b, None))
+    queries = []
+    for i, q in enumerate(request.queries):
+        if not 1 <= q.k <= max_k:
+            raise InvalidInput(f"queries[{i}].k must be in [1, {max_k}], got {q.k}")
+        posts = np.fromiter(q.exclude_post_ids, np.int64, len(q.exclude_post_ids))
+        authors = np.fromiter(q.exclude_author_ids, np.int64, len(q.exclude_author_ids))
+        queries.append(Query(emb[i], request.model_fingerprint, q.k, posts, authors))
+    return queries
+
+
+def score_response(
+    results: Sequence[SearchResult], shard_index: int, version: int, fingerprint: str
+) -> retrieval_gateway_pb2.ScoreShardResponse:
+    response = retrieval_gateway_pb2.ScoreShardResponse(
+        corpus_version=version, model_fingerprint=fingerprint, shard_index=shard_index
+    )
+    for r in results:
+        hits = response.results.add()
+        hits.post_ids.extend(r.post_ids.tolist())
+        hits.author_ids.extend(r.author_ids.tolist())
+        hits.scores.extend(r.scores.tolist())
+        hits.attributes.extend(candidate_tower_pb2.ItemAttributes(attributes=a) for a in r.attributes)
+    return response
+
+
+def hits_from_proto(hits: retrieval_gateway_pb2.ShardHits) -> ShardHits:
+    n = len(hits.post_ids)
+    if not (len(hits.author_ids) == len(hits.scores) == len(hits.attributes) == n):
+        raise NotReady("a shard sent hit columns of different lengths")
+    return ShardHits(
+        np.fromiter(hits.post_ids, np.int64, n),
+        np.fromiter(hits.author_ids, np.int64, n),
+        np.fromiter(hits.scores, np.float32, n),
+        [dict(a.attributes) if a.attributes else {} for a in hits.attributes],
+    )
+
+
+# ---- the client ----------------------------------------------------------------------------------
+class ShardClient:
+    def __init__(
+        self, index: int, num_shards: int, address: str, channel_options: list[tuple[str, object]],
+        tls: ClientTLS | None = None,
+    ) -> None:  # fmt: skip
+        self.index, self.num_shards, self.address = index, num_shards, address
+        # A shard's target may name several replicas of it: balanced and retried like any service.
+        balanced = balanced_options(_SCORER, ["ScoreShard"])
+        self._channel = aio_channel(address, [*channel_options, *balanced], tls)
+        self._scorer = retrieval_gateway_pb2_grpc.ShardScorerStub(self._channel)
+        self._gateway = retrieval_gateway_pb2_grpc.RetrievalGatewayStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def score(self, queries: Sequence[Query], fingerprint: str, timeout: float) -> ShardAnswer:
+        request = score_request(queries, fingerprint, self.index, self.num_shards)
+        try:
+            response = await self._scorer.ScoreShard(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._map_error(exc) from None
+        if len(response.results) != len(queries) or response.shard_index != self.index:
+            raise ShardUnavailable(
+                self.index, f"shard {self.index} at {self.address} sent a malformed answer"
+            )
+        if response.model_fingerprint != fingerprint:
+            raise ModelMismatch(
+                f"shard {self.index} serves model {response.model_fingerprint}, not {fingerprint}"
+            )
+        hits = [hits_from_proto(h) for h in response.results]
+        return ShardAnswer(self.index, hits, response.corpus_version, response.model_fingerprint)
+
+    async def status(self, timeout: float) -> ShardStatus | None:
+        """The shard's corpus as it reports it; None when it does not answer."""
+        try:
+            s = await self._gateway.GetStatus(retrieval_gateway_pb2.GetStatusRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return None
+        return ShardStatus(s.ready, s.corpus_version, s.model_fingerprint, s.corpus_size, s.embedding_dim)
+
+    def _map_error(self, exc: grpc.aio.AioRpcError) -> ServiceError:
+        code, details = exc.code(), exc.details()
+        where = f"shard {self.index} at {self.address}"
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            return ModelMismatch(f"{where}: {details}")
+        if code == grpc.StatusCode.INVALID_ARGUMENT:  # the router's request: a bug, not the caller's
+            return NotReady(f"{where} refused the router's request: {details}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExpired(f"deadline passed while waiting for {where}")
+        return ShardUnavailable(self.index, f"{where} did not answer ({code.name}: {details})")
