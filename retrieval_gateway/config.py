@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrieval_gateway.index import DTYPES
-from retrieval_gateway.topk import DEFAULT_MAX_SCORE_ELEMENTS
 from shared.server.bootstrap import ServerOptions
 from shared.server.settings import setting
 from shared.tls import ClientTLS
@@ -120,7 +119,9 @@ class GatewayConfig:
             "EncodeUsers calls to user_service in flight at once, each carrying up to --max-batch-size users"
         ),
     )
-    max_score_elements: int = DEFAULT_MAX_SCORE_ELEMENTS  # scores materialised at once (B x chunk)
+    # scores materialised at once (B x chunk); None = per device (topk.DEVICE_MAX_SCORE_ELEMENTS: 64 MiB
+    # on cpu, 1 GiB on cuda, where a loop of small chunks costs more than the memory)
+    max_score_elements: int | None = None
     user_timeout_s: float = field(
         default=5.0, metadata=setting("user_service call timeout when the caller sets no deadline")
     )
@@ -167,7 +168,9 @@ class GatewayConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        positive = ("max_k", "max_batch_size", "max_queue", "max_score_elements", "max_corpus_items",
+        if self.max_score_elements is not None and self.max_score_elements <= 0:
+            raise ValueError(f"max_score_elements must be > 0, got {self.max_score_elements}")
+        positive = ("max_k", "max_batch_size", "max_queue", "max_corpus_items",
                     "max_history_events", "user_timeout_s", "max_user_calls_in_flight", "reconnect_initial_s",
                     "health_poll_s")  # fmt: skip
         for name in positive:

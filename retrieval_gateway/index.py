@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from retrieval_gateway.topk import DEFAULT_MAX_SCORE_ELEMENTS, exact_topk
+from retrieval_gateway.topk import exact_topk
 from shared.corpus_rows import AttributeColumn, CorpusGap, CorpusRows, Delta
 from shared.errors import ModelMismatch, NotReady
 
@@ -167,7 +167,7 @@ class CorpusIndex:
         self,
         device: torch.device | str = "cpu",
         dtype: str = "fp32",
-        max_score_elements: int = DEFAULT_MAX_SCORE_ELEMENTS,
+        max_score_elements: int | None = None,  # None: per device (topk.DEVICE_MAX_SCORE_ELEMENTS)
         fused_gemv: bool = False,
     ) -> None:
         if dtype not in DTYPES:
