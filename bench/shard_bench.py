@@ -1,0 +1,139 @@
+"""Benchmark (issue 15): what sharding costs. One corpus, one candidate_service and one user_service;
+an unsharded gateway beside a router with S gateway shards, all on loopback, driven in turns with the
+same requests at c=1 and c=8; plus the router's merge alone (S lists of k=1000 -> the top 1000).
+
+The fan-out adds a hop (router -> shards) and a merge; on one machine the shards also share the CPUs
+with everything else, so the figure is an upper bound of what separate machines would pay.
+
+    .venv/bin/python bench/shard_bench.py --quick          # 100k items, S=2, ~2 minutes
+    .venv/bin/python bench/shard_bench.py                  # 1M items, S=2
+
+Target: p50 of the router at most 2 ms above the unsharded gateway's at c=1 and c=8. Writes
+results/shard_bench.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import e2e_corpus
+from bench.common import ServiceProcess, machine_info, wait_serving, write_json
+from bench.e2e_bench import drive
+from retrieval_gateway.sharding import ShardHits, merge_hits
+from shared.progress import print_above, progress_over
+
+
+def merge_timing(shards: int, k: int, reps: int = 200) -> dict[str, float]:
+    """The router's merge alone: `shards` sorted lists of k hits (random scores) -> the top k."""
+    rng = np.random.default_rng(0)
+    parts = []
+    for s in range(shards):
+        scores = np.sort(rng.random(k, dtype=np.float32))[::-1].copy()
+        parts.append(ShardHits(np.arange(s * k, (s + 1) * k, dtype=np.int64), np.zeros(k, np.int64), scores,
+                               [{}] * k))  # fmt: skip
+    merge_hits(parts, k)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        merge_hits(parts, k)
+        times.append(time.perf_counter() - t0)
+    return {
+        "shards": shards,
+        "k": k,
+        "p50_ms": float(np.median(times) * 1e3),
+        "min_ms": float(min(times) * 1e3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="100k items, shorter levels")
+    p.add_argument("--items", type=int, default=None, help="corpus size (default 1M, quick 100k)")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--seconds", type=float, default=None, help="per level and gateway (default 10, quick 4)")
+    p.add_argument("--max-requests", type=int, default=20_000)
+    p.add_argument("--workdir", type=Path, default=Path(".cache/bench"))
+    p.add_argument("--out", type=Path, default=Path("results/shard_bench.json"))
+    args = p.parse_args(argv)
+    n = args.items or (100_000 if args.quick else 1_000_000)
+    args.seconds = args.seconds or (4.0 if args.quick else 10.0)
+
+    corpus = e2e_corpus.synthetic(args.workdir, n, args.k)
+    payloads = [r.SerializeToString() for r in corpus.requests]
+    logs = args.workdir / "logs" / "shard_bench"
+    cache = args.workdir / "cache" / f"shard_bench_{n}"
+    ck = ["--checkpoint", str(corpus.checkpoint)]
+    candidate = ServiceProcess(
+        "candidate_service", [*ck, "--items", str(corpus.items), "--cache-dir", str(cache)], logs
+    )
+    user = ServiceProcess("user_service", [*ck, "--device", "cpu"], logs)
+    started = [candidate, user]
+    levels: list[dict] = []
+    try:
+        for s in (candidate, user):
+            s.start()
+        for s in (candidate, user):
+            asyncio.run(wait_serving(s))
+        upstream = ["--user-service", user.address, "--device", "cpu"]
+        single = ServiceProcess(
+            "retrieval_gateway", [*upstream, "--candidate-service", candidate.address], logs
+        )
+        role = ["--candidate-service", candidate.address, "--role", "shard", "--num-shards", str(args.shards)]
+        shards = [
+            ServiceProcess(
+                "retrieval_gateway", [*upstream, *role, "--shard-index", str(i)], logs / f"shard{i}"
+            )
+            for i in range(args.shards)
+        ]
+        for g in (single, *shards):
+            started.append(g.start())
+        for g in (single, *shards):
+            asyncio.run(wait_serving(g))
+        router = ServiceProcess(
+            "retrieval_gateway",
+            [*upstream, "--role", "router", "--shard-addresses", *(g.address for g in shards)],
+            logs / "router",
+        )
+        started.append(router.start())
+        asyncio.run(wait_serving(router))
+        for c in progress_over(args.concurrency, "shard_bench levels", unit="level"):
+            row: dict[str, object] = {"concurrency": c}
+            for name, gw in (("unsharded", single), (f"router S={args.shards}", router)):
+                summary = asyncio.run(drive(gw.address, payloads, c, args)).summary()
+                row[name] = summary
+                print_above(
+                    f"  c={c:3d} {name:>12}: {summary['qps']:7.1f} QPS  p50 {summary['p50_ms']:7.2f}  "
+                    f"p99 {summary['p99_ms']:7.2f} ms  errors {summary['errors'] or 'none'}"
+                )
+            row["p50_added_ms"] = round(
+                row[f"router S={args.shards}"]["p50_ms"] - row["unsharded"]["p50_ms"],
+                3,  # type: ignore[index]
+            )
+            print_above(
+                f"  c={c:3d} router p50 - unsharded p50 = {row['p50_added_ms']:+.2f} ms (target <= 2)"
+            )
+            levels.append(row)
+    finally:
+        for s in reversed(started):
+            s.stop()
+    merges = [merge_timing(s, 1000) for s in (2, 4, 8)]
+    for m in merges:
+        print(f"  merge of {m['shards']} x top-{m['k']}: p50 {m['p50_ms']:.3f} ms (min {m['min_ms']:.3f})")
+    out = write_json(args.out, {"machine": machine_info(), "items": n, "shards": args.shards, "k": args.k,
+                                "levels": levels, "merge": merges})  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
