@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
-from candidate_service import wire
+from candidate_service import convert
 from candidate_service.corpus import CandidateCore
 from candidate_service.watch import SnapshotPart
 from shared import codec
@@ -45,7 +45,7 @@ class CandidateTowerServicer(candidate_tower_pb2_grpc.CandidateTowerServicer):
         )
 
     async def GetCorpusInfo(self, request: pb.GetCorpusInfoRequest, context: grpc.aio.ServicerContext):
-        return wire.corpus_info(self.core.info())
+        return convert.corpus_info(self.core.info())
 
     async def WatchCorpus(
         self, request: pb.WatchCorpusRequest, context: grpc.aio.ServicerContext
@@ -57,14 +57,14 @@ class CandidateTowerServicer(candidate_tower_pb2_grpc.CandidateTowerServicer):
             await context.send_initial_metadata(())
             async for event in events:
                 yield (
-                    wire.snapshot_event(event) if isinstance(event, SnapshotPart) else wire.delta_event(event)
+                    convert.snapshot_event(event) if isinstance(event, SnapshotPart) else convert.delta_event(event)
                 )
 
     async def StartRollout(self, request: pb.StartRolloutRequest, context: grpc.aio.ServicerContext):
-        return wire.rollout_status(await self.core.start_rollout(request.checkpoint))
+        return convert.rollout_status(await self.core.start_rollout(request.checkpoint))
 
     async def GetRolloutStatus(self, request: pb.GetRolloutStatusRequest, context: grpc.aio.ServicerContext):
-        return wire.rollout_status(self.core.rollout_status())
+        return convert.rollout_status(self.core.rollout_status())
 
     async def AbortRollout(self, request: pb.AbortRolloutRequest, context: grpc.aio.ServicerContext):
-        return wire.rollout_status(await self.core.abort_rollout())
+        return convert.rollout_status(await self.core.abort_rollout())

@@ -7,7 +7,7 @@ import pytest
 
 from candidate_service.store import CorpusStore, Delta
 from candidate_service.watch import SnapshotPart
-from candidate_service.wire import delta_event, snapshot_event
+from candidate_service.convert import delta_event, snapshot_event
 from shared import codec
 
 
