@@ -1,4 +1,6 @@
-"""Core values <-> protobuf messages for the servicer (protobuf types only, no grpc).
+"""candidate_service's boundary: requests -> the core's plain values (item columns, checked), and the
+core's values (encodings, write results, snapshot parts, deltas, corpus summary, rollout status) ->
+messages. Protobuf types only, no grpc: the servicer converts here and CandidateCore never sees a proto.
 
 Messages are filled in place: passing a built sub-message to a constructor copies it again at every
 level (11 ms instead of 0.3 ms for a 4 MiB chunk), which would cap snapshot streaming well below
@@ -7,15 +9,63 @@ the network.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 from google.protobuf.message import Message
 
-from candidate_service.corpus import CorpusInfo
+from candidate_service.corpus import CorpusSummary
+from candidate_service.encoder import ItemEncoder
 from candidate_service.rollout import ModelRef, RolloutStatus
 from candidate_service.store import Attrs, Delta
 from candidate_service.watch import SnapshotPart
+from candidate_service.writes import DeleteResult, UpsertResult
 from shared import codec
+from shared.convert import check_attributes, check_unique_ids
+from shared.errors import InvalidInput
 from twotower.v1 import candidate_tower_pb2 as pb
 from twotower.v1 import common_pb2
+
+
+# ---- requests ------------------------------------------------------------------------------------
+def item_columns_from_proto(
+    items: Sequence[common_pb2.Item], max_items: int
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
+    """Items -> (post ids, author ids, attributes), rejecting empty, oversized and duplicate batches."""
+    n = len(items)
+    if n == 0:
+        raise InvalidInput("no items given")
+    if n > max_items:
+        raise InvalidInput(f"{n} items in one request; the limit is {max_items}")
+    post_ids = np.fromiter((it.post_id for it in items), dtype=np.int64, count=n)
+    author_ids = np.fromiter((it.author_id for it in items), dtype=np.int64, count=n)
+    check_unique_ids(post_ids, "items[].post_id")
+    attributes = [dict(it.attributes) for it in items]
+    for i, attrs in enumerate(attributes):
+        check_attributes(attrs, f"items[{i}].attributes")
+    return post_ids, author_ids, attributes
+
+
+def post_ids_from_proto(request: pb.DeleteItemsRequest) -> np.ndarray:
+    return np.fromiter(request.post_ids, dtype=np.int64, count=len(request.post_ids))
+
+
+# ---- responses -----------------------------------------------------------------------------------
+def encode_response_to_proto(embeddings: np.ndarray, encoder: ItemEncoder) -> pb.EncodeItemsResponse:
+    return pb.EncodeItemsResponse(
+        embeddings=codec.encode(embeddings),
+        model=common_pb2.ModelInfo(fingerprint=encoder.fingerprint, embedding_dim=encoder.dim),
+    )
+
+
+def upsert_result_to_proto(result: UpsertResult) -> pb.UpsertItemsResponse:
+    return pb.UpsertItemsResponse(version=result.version, inserted=result.inserted, updated=result.updated)
+
+
+def delete_result_to_proto(result: DeleteResult) -> pb.DeleteItemsResponse:
+    return pb.DeleteItemsResponse(
+        version=result.version, deleted=result.deleted, unknown_post_ids=result.unknown_post_ids
+    )
 
 
 def add_attributes(msg: Message, field: str, attributes: list[Attrs]) -> None:
@@ -33,7 +83,7 @@ def add_attributes(msg: Message, field: str, attributes: list[Attrs]) -> None:
             item.attributes.update(attrs)
 
 
-def snapshot_event(part: SnapshotPart) -> pb.CorpusEvent:
+def snapshot_part_to_proto(part: SnapshotPart) -> pb.CorpusEvent:
     snap, rows = part.snapshot, slice(part.lo, part.hi)
     event = pb.CorpusEvent()
     chunk = event.snapshot_chunk
@@ -49,7 +99,7 @@ def snapshot_event(part: SnapshotPart) -> pb.CorpusEvent:
     return event
 
 
-def delta_event(delta: Delta) -> pb.CorpusEvent:
+def delta_to_proto(delta: Delta) -> pb.CorpusEvent:
     event = pb.CorpusEvent()
     msg = event.delta
     msg.version = delta.version
@@ -62,7 +112,7 @@ def delta_event(delta: Delta) -> pb.CorpusEvent:
     return event
 
 
-def corpus_info(info: CorpusInfo) -> pb.CorpusInfo:
+def corpus_summary_to_proto(info: CorpusSummary) -> pb.CorpusInfo:
     return pb.CorpusInfo(
         num_items=info.num_items,
         embedding_dim=info.dim,
@@ -72,17 +122,17 @@ def corpus_info(info: CorpusInfo) -> pb.CorpusInfo:
     )
 
 
-def model_info(model: ModelRef | None) -> common_pb2.ModelInfo | None:
+def model_info_to_proto(model: ModelRef | None) -> common_pb2.ModelInfo | None:
     if model is None:
         return None
     return common_pb2.ModelInfo(fingerprint=model.fingerprint, embedding_dim=model.dim)
 
 
-def rollout_status(status: RolloutStatus) -> pb.RolloutStatus:
+def rollout_status_to_proto(status: RolloutStatus) -> pb.RolloutStatus:
     return pb.RolloutStatus(
         state=pb.RolloutStatus.State.Value(status.state.value),
-        active=model_info(status.active),
-        target=model_info(status.target),
+        active=model_info_to_proto(status.active),
+        target=model_info_to_proto(status.target),
         items_encoded=status.items_encoded,
         items_total=status.items_total,
         error=status.error,

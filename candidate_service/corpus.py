@@ -43,7 +43,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class CorpusInfo:
+class CorpusSummary:
+    """The corpus's size, dim and version (GetCorpusInfo answers with it)."""
+
     num_items: int
     dim: int
     version: int
@@ -150,9 +152,9 @@ class CandidateCore:
             raise NotReady("the corpus is still loading")
         return self._serving
 
-    def info(self) -> CorpusInfo:
+    def info(self) -> CorpusSummary:
         corpus = self._require_serving().corpus
-        return CorpusInfo(corpus.num_items, corpus.dim, corpus.version, corpus.fingerprint)
+        return CorpusSummary(corpus.num_items, corpus.dim, corpus.version, corpus.fingerprint)
 
     def _after_commit(self, delta: Delta) -> None:
         self._update_gauges()

@@ -5,15 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-import numpy as np
 
 from candidate_service import convert
 from candidate_service.corpus import CandidateCore
 from candidate_service.watch import SnapshotPart
-from shared import codec
-from shared.convert import item_columns_from_proto
 from twotower.v1 import candidate_tower_pb2 as pb
-from twotower.v1 import candidate_tower_pb2_grpc, common_pb2
+from twotower.v1 import candidate_tower_pb2_grpc
 
 
 class CandidateTowerServicer(candidate_tower_pb2_grpc.CandidateTowerServicer):
@@ -21,31 +18,25 @@ class CandidateTowerServicer(candidate_tower_pb2_grpc.CandidateTowerServicer):
         self.core = core
 
     async def EncodeItems(self, request: pb.EncodeItemsRequest, context: grpc.aio.ServicerContext):
-        post_ids, author_ids, _ = item_columns_from_proto(request.items, self.core.config.max_batch_items)
-        embeddings, encoder = await self.core.encode(post_ids, author_ids)
-        return pb.EncodeItemsResponse(
-            embeddings=codec.encode(embeddings),
-            model=common_pb2.ModelInfo(fingerprint=encoder.fingerprint, embedding_dim=encoder.dim),
+        post_ids, author_ids, _ = convert.item_columns_from_proto(
+            request.items, self.core.config.max_batch_items
         )
+        embeddings, encoder = await self.core.encode(post_ids, author_ids)
+        return convert.encode_response_to_proto(embeddings, encoder)
 
     async def UpsertItems(self, request: pb.UpsertItemsRequest, context: grpc.aio.ServicerContext):
-        post_ids, author_ids, attributes = item_columns_from_proto(
+        post_ids, author_ids, attributes = convert.item_columns_from_proto(
             request.items, self.core.config.max_batch_items
         )
         result = await self.core.upsert(post_ids, author_ids, [a or None for a in attributes])
-        return pb.UpsertItemsResponse(
-            version=result.version, inserted=result.inserted, updated=result.updated
-        )
+        return convert.upsert_result_to_proto(result)
 
     async def DeleteItems(self, request: pb.DeleteItemsRequest, context: grpc.aio.ServicerContext):
-        post_ids = np.fromiter(request.post_ids, dtype=np.int64, count=len(request.post_ids))
-        result = await self.core.delete(post_ids)
-        return pb.DeleteItemsResponse(
-            version=result.version, deleted=result.deleted, unknown_post_ids=result.unknown_post_ids
-        )
+        result = await self.core.delete(convert.post_ids_from_proto(request))
+        return convert.delete_result_to_proto(result)
 
     async def GetCorpusInfo(self, request: pb.GetCorpusInfoRequest, context: grpc.aio.ServicerContext):
-        return convert.corpus_info(self.core.info())
+        return convert.corpus_summary_to_proto(self.core.info())
 
     async def WatchCorpus(
         self, request: pb.WatchCorpusRequest, context: grpc.aio.ServicerContext
@@ -57,14 +48,16 @@ class CandidateTowerServicer(candidate_tower_pb2_grpc.CandidateTowerServicer):
             await context.send_initial_metadata(())
             async for event in events:
                 yield (
-                    convert.snapshot_event(event) if isinstance(event, SnapshotPart) else convert.delta_event(event)
+                    convert.snapshot_part_to_proto(event)
+                    if isinstance(event, SnapshotPart)
+                    else convert.delta_to_proto(event)
                 )
 
     async def StartRollout(self, request: pb.StartRolloutRequest, context: grpc.aio.ServicerContext):
-        return convert.rollout_status(await self.core.start_rollout(request.checkpoint))
+        return convert.rollout_status_to_proto(await self.core.start_rollout(request.checkpoint))
 
     async def GetRolloutStatus(self, request: pb.GetRolloutStatusRequest, context: grpc.aio.ServicerContext):
-        return convert.rollout_status(self.core.rollout_status())
+        return convert.rollout_status_to_proto(self.core.rollout_status())
 
     async def AbortRollout(self, request: pb.AbortRolloutRequest, context: grpc.aio.ServicerContext):
-        return convert.rollout_status(await self.core.abort_rollout())
+        return convert.rollout_status_to_proto(await self.core.abort_rollout())

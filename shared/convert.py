@@ -171,24 +171,6 @@ def user_batch_from_proto(
     return contexts
 
 
-def item_columns_from_proto(
-    items: Sequence[common_pb2.Item], max_items: int
-) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
-    """Items -> (post ids, author ids, attributes), rejecting empty, oversized and duplicate batches."""
-    n = len(items)
-    if n == 0:
-        raise InvalidInput("no items given")
-    if n > max_items:
-        raise InvalidInput(f"{n} items in one request; the limit is {max_items}")
-    post_ids = np.fromiter((it.post_id for it in items), dtype=np.int64, count=n)
-    author_ids = np.fromiter((it.author_id for it in items), dtype=np.int64, count=n)
-    check_unique_ids(post_ids, "items[].post_id")
-    attributes = [dict(it.attributes) for it in items]
-    for i, attrs in enumerate(attributes):
-        check_attributes(attrs, f"items[{i}].attributes")
-    return post_ids, author_ids, attributes
-
-
 def check_unique_ids(ids: np.ndarray, what: str) -> None:
     values, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():

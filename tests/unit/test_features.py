@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from shared.convert import item_columns_from_proto, user_context_from_proto, user_context_to_proto
+from candidate_service.convert import item_columns_from_proto
+from shared.convert import user_context_from_proto, user_context_to_proto
 from shared.errors import InvalidInput
 from shared.model.features import UserContext, featurize_items, featurize_users
 from twotower.v1 import common_pb2
