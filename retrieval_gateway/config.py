@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrieval_gateway.index import DTYPES
+from shared.model.features import DEFAULT_MAX_HISTORY_EVENTS  # user_service's default too
 from shared.server.bootstrap import ServerOptions
 from shared.server.settings import setting
 from shared.tls import ClientTLS
 
 DEFAULT_MAX_K = 2048
 DEFAULT_MAX_EXCLUSIONS = 10_000  # per list (post ids, author ids), as documented in the proto
-DEFAULT_MAX_HISTORY_EVENTS = 1024  # same limit as user_service: longer is INVALID_ARGUMENT here already
 
 
 ROLES = ("single", "shard", "router")
@@ -73,9 +73,11 @@ class GatewayConfig:
     )
     device: str = field(default="auto", metadata=setting("auto | cpu | cuda[:N]; auto = cuda when present"))
     dtype: str = field(
-        default="fp32",
+        default="auto",
         metadata=setting(
-            "corpus matrix storage (scores are computed in fp32 either way)", choices=tuple(DTYPES)
+            "corpus matrix storage (scores are computed in fp32 either way); auto = bf16 on cuda, fp32 on "
+            "cpu (docs/decisions.md)",
+            choices=("auto", *DTYPES),
         ),
     )
     # CPU, single queries: a torch.compile'd fused kernel instead of BLAS gemv (needs a C++ compiler;
@@ -164,8 +166,8 @@ class GatewayConfig:
                 )
         elif self.shard_addresses:
             raise ValueError(f"shard_addresses are for role router, not {self.role!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.max_score_elements is not None and self.max_score_elements <= 0:

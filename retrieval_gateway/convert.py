@@ -10,7 +10,7 @@ from retrieval_gateway.index import SearchResult
 from shared.convert import user_context_from_proto
 from shared.errors import InvalidInput
 from shared.model.actions import ACTION_NAMES
-from shared.model.features import UserContext
+from shared.model.features import UserContext, validate_user
 from twotower.v1 import retrieval_gateway_pb2
 
 
@@ -34,18 +34,10 @@ def retrieve_spec_from_proto(
             raise InvalidInput(f"{name} has {n} ids; the limit is {max_exclusions}")
     if not request.HasField("user"):
         raise InvalidInput("user is required")
-    user = request.user
-    if user.user_id <= 0:
-        raise InvalidInput(f"user.user_id must be > 0, got {user.user_id}")
-    # Action names, action ids, timestamps and the history limit, with the same rules as user_service,
-    # so malformed history is INVALID_ARGUMENT before any remote call.
-    ctx = user_context_from_proto(user, num_actions=len(ACTION_NAMES), max_history_events=max_history_events)
-    if (ctx.post_ids <= 0).any():
-        i = int(np.flatnonzero(ctx.post_ids <= 0)[0])
-        raise InvalidInput(f"user.history[{i}].post_id must be > 0, got {int(ctx.post_ids[i])}")
-    if (ctx.author_ids < 0).any():
-        i = int(np.flatnonzero(ctx.author_ids < 0)[0])
-        raise InvalidInput(f"user.history[{i}].author_id must be >= 0, got {int(ctx.author_ids[i])}")
+    # The same conversion and checks as user_service's (less what only a model knows), so a malformed
+    # user context is INVALID_ARGUMENT before any remote call.
+    ctx = user_context_from_proto(request.user, len(ACTION_NAMES), max_history_events)
+    validate_user(ctx, None, max_history_events)
     posts = np.fromiter(request.exclude_post_ids, np.int64, len(request.exclude_post_ids))
     if request.exclude_history:
         posts = np.concatenate([posts, ctx.post_ids])

@@ -9,7 +9,7 @@ import numpy as np
 from shared import codec
 from shared.errors import InvalidInput
 from shared.model.actions import ACTION_IDS
-from shared.model.features import DEFAULT_MAX_HISTORY_EVENTS, UserContext
+from shared.model.features import DEFAULT_MAX_HISTORY_EVENTS, UserContext, check_history_length
 from twotower.v1 import common_pb2, user_tower_pb2
 
 # action_names + action_ids of one event (duplicates allowed): a bound, so that one event cannot make
@@ -23,11 +23,11 @@ def user_context_from_proto(
     max_history_events: int = DEFAULT_MAX_HISTORY_EVENTS,
     where: str = "user",
 ) -> UserContext:
-    """Convert and check what only the proto shows (action names, timestamps, size before copying)."""
+    """Convert and check what only the proto shows (action names, timestamps, size before copying);
+    the values are checked by `validate_user`, which the services call next."""
     history = msg.history
     n = len(history)
-    if n > max_history_events:  # checked before any per-event work: absurd sizes cost nothing
-        raise InvalidInput(f"{where}.history has {n} events; the limit is {max_history_events}")
+    check_history_length(n, max_history_events, where)  # before any per-event work
     # One pass over the events (this runs per request on the event loop: ~2x faster than one pass
     # per column), then the checks vectorised.
     scalars: list[tuple[int, int, int, int]] = []

@@ -15,6 +15,7 @@ from shared.errors import InvalidInput
 from shared.model.config import TowerConfig
 from shared.model.hashing import hash_ids
 
+# History events per user context: user_service's --max-history-events and the gateway's default.
 DEFAULT_MAX_HISTORY_EVENTS = 1024
 
 
@@ -82,22 +83,33 @@ class ItemFeatures:
         return ItemFeatures(**{k: v.to(device, non_blocking=True) for k, v in vars(self).items()})
 
 
-def validate_user(ctx: UserContext, cfg: TowerConfig, max_history_events: int, where: str = "user") -> None:
+def check_history_length(n: int, max_history_events: int, where: str = "user") -> None:
+    """The history limit (converters call it before any per-event work, so absurd sizes cost nothing)."""
+    if n > max_history_events:
+        raise InvalidInput(f"{where}.history has {n} events; the limit is {max_history_events}")
+
+
+def validate_user(
+    ctx: UserContext, cfg: TowerConfig | None, max_history_events: int, where: str = "user"
+) -> None:
+    """The one check of a user context: ids, the history limit, column shapes, and with a model's
+    `cfg` what that model takes (user features, actions, surfaces). The gateway, which holds no model,
+    passes cfg=None; user_service checks again against the model that will encode the user."""
     n = len(ctx.post_ids)
     if ctx.user_id <= 0:
         raise InvalidInput(f"{where}.user_id must be > 0, got {ctx.user_id}")
-    if n > max_history_events:
-        raise InvalidInput(f"{where}.history has {n} events; the limit is {max_history_events}")
-    if len(ctx.user_features) > cfg.num_user_features:
-        raise InvalidInput(
-            f"{where}.user_features has {len(ctx.user_features)} values; the model takes "
-            f"at most {cfg.num_user_features}"
-        )
-    if any(v < 0 for v in ctx.user_features):
-        raise InvalidInput(f"{where}.user_features must be >= 0")
+    check_history_length(n, max_history_events, where)
+    if cfg is not None:
+        if len(ctx.user_features) > cfg.num_user_features:
+            raise InvalidInput(
+                f"{where}.user_features has {len(ctx.user_features)} values; the model takes "
+                f"at most {cfg.num_user_features}"
+            )
+        if any(v < 0 for v in ctx.user_features):
+            raise InvalidInput(f"{where}.user_features must be >= 0")
     if not (len(ctx.author_ids) == len(ctx.surfaces) == len(ctx.actions) == n):
         raise InvalidInput(f"{where}.history columns have different lengths")
-    if ctx.actions.ndim != 2 or ctx.actions.shape[1] != cfg.num_actions:
+    if cfg is not None and (ctx.actions.ndim != 2 or ctx.actions.shape[1] != cfg.num_actions):
         raise InvalidInput(f"{where}.history actions must be [n, {cfg.num_actions}]")
     if n == 0:
         return
@@ -106,6 +118,8 @@ def validate_user(ctx: UserContext, cfg: TowerConfig, max_history_events: int, w
         if bad.size:
             i = int(bad[0])
             raise InvalidInput(f"{where}.history[{i}].{column} must be >= {low}, got {int(values[i])}")
+    if cfg is None:
+        return
     bad = np.flatnonzero((ctx.surfaces < 0) | (ctx.surfaces >= cfg.num_product_surfaces))
     if bad.size:
         i = int(bad[0])

@@ -404,7 +404,7 @@ def test_bad_input_and_corpus_smaller_than_k():
                 "user is required": retrieval_gateway_pb2.RetrieveRequest(k=1),
                 "user_id must be > 0": retrieval_gateway_pb2.RetrieveRequest(
                     user=common_pb2.UserContext(), k=1),
-                "post_id must be > 0": retrieval_gateway_pb2.RetrieveRequest(
+                "post_id must be >= 1": retrieval_gateway_pb2.RetrieveRequest(
                     user=common_pb2.UserContext(user_id=1, history=[common_pb2.Engagement(post_id=0)]), k=1),
                 "unknown action": retrieval_gateway_pb2.RetrieveRequest(
                     user=common_pb2.UserContext(user_id=1, history=[
