@@ -362,7 +362,8 @@ class Gateway:
 
     def status(self, serving: bool) -> retrieval_gateway_pb2.GatewayStatus:
         info = self.corpus_info()
-        dtype = "DTYPE_BFLOAT16" if self.config.dtype == "bf16" else "DTYPE_FLOAT32"
+        stored = self.index.dtype_name if self.index is not None else "fp32"
+        dtype = "DTYPE_BFLOAT16" if stored == "bf16" else "DTYPE_FLOAT32"
         cfg = self.config
         status = retrieval_gateway_pb2.GatewayStatus(
             ready=serving,
