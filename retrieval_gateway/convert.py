@@ -56,8 +56,7 @@ def result_to_proto(result: SearchResult) -> retrieval_gateway_pb2.RetrieveRespo
         result.post_ids.tolist(), result.author_ids.tolist(), result.scores.tolist(), result.attributes,
         strict=True,
     ):  # fmt: skip
-        if attributes:
-            add(post_id=post_id, author_id=author_id, score=score, attributes=attributes)
-        else:  # most items: no map to build
-            add(post_id=post_id, author_id=author_id, score=score)
+        item = add(post_id=post_id, author_id=author_id, score=score)
+        if attributes:  # update() fills the map 2.4x faster than the attributes= keyword (100 items:
+            item.attributes.update(attributes)  # 183 vs 447 us with two short attributes each)
     return response
