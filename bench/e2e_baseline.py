@@ -18,8 +18,9 @@ from bench.loadgen import percentile
 from retrieval_gateway.config import GatewayConfig
 from retrieval_gateway.convert import retrieve_spec_from_proto
 from retrieval_gateway.follower import CorpusFollower
-from retrieval_gateway.index import CorpusIndex, Query, pick_device
+from retrieval_gateway.index import CorpusIndex, Query
 from shared.convert import user_context_from_proto
+from shared.device import resolve_device
 from shared.model.features import validate_user
 from twotower.v1 import retrieval_gateway_pb2
 from user_service.config import UserServiceConfig
@@ -45,7 +46,7 @@ class Baseline:
         )  # fmt: skip
         encoder.warm_up([1, 8])
         gw = GatewayConfig(user_service="-:0", candidate_service=candidate_address, device=device)
-        index = CorpusIndex(pick_device(gw.device), gw.dtype, gw.max_score_elements, gw.fused_gemv)
+        index = CorpusIndex(resolve_device(gw.device), gw.dtype, gw.max_score_elements, gw.fused_gemv)
         follower = CorpusFollower(
             candidate_address, index, gw.server.channel_options(), max_corpus_items=gw.max_corpus_items,
             backoff_initial_s=gw.reconnect_initial_s, backoff_max_s=gw.reconnect_max_s,

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from retrieval_gateway.config import GatewayConfig
 from retrieval_gateway.server import serve
+from shared.errors import DeviceUnavailable
 from shared.server.flags import add_server_flags, run_service, server_options_from_args
 from shared.server.settings import add_settings, parse_flags, settings_from_args
 from shared.tls import add_client_tls_flags, client_tls_from_args
@@ -43,7 +44,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_service("retrieval_gateway", parse_args(argv), config_from_args, serve, (ValueError,))
+    return run_service(
+        "retrieval_gateway", parse_args(argv), config_from_args, serve, (ValueError, DeviceUnavailable)
+    )
 
 
 if __name__ == "__main__":

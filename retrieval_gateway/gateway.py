@@ -18,12 +18,13 @@ from retrieval_gateway import metrics
 from retrieval_gateway.config import GatewayConfig
 from retrieval_gateway.convert import retrieve_spec_from_proto
 from retrieval_gateway.follower import CorpusFollower
-from retrieval_gateway.index import CorpusIndex, CorpusInfo, Query, SearchResult, model_mismatch, pick_device
+from retrieval_gateway.index import CorpusIndex, CorpusInfo, Query, SearchResult, model_mismatch
 from retrieval_gateway.router import ShardRouter
 from retrieval_gateway.shard_client import ShardClient
 from retrieval_gateway.sharding import ShardFilter
 from retrieval_gateway.user_client import UserEncoder
 from shared.batching import BatchReport, MicroBatcher
+from shared.device import resolve_device
 from shared.errors import (
     DeadlineExpired,
     InvalidInput,
@@ -71,7 +72,7 @@ class Gateway:
             self.router = ShardRouter(shards, config.user_timeout_s, config.health_poll_s)
             search = self.router.search
         else:
-            self.device = pick_device(config.device)
+            self.device = resolve_device(config.device)
             self.index = CorpusIndex(self.device, config.dtype, config.max_score_elements, config.fused_gemv)
             search = self.index.search
         self.users = UserEncoder(config.user_service, options, tls=config.upstream_tls)

@@ -52,15 +52,6 @@ def model_mismatch(user_fingerprint: str, corpus_fingerprint: str) -> ModelMisma
     )
 
 
-def pick_device(name: str) -> torch.device:
-    """'auto' = cuda when present, else cpu; 'cuda' without a GPU is a configuration error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but no CUDA device is available")
-    return torch.device(name)
-
-
 @dataclass(frozen=True)
 class Query:
     """One user's search: embedding [D] fp32 and what must not come back."""

@@ -36,6 +36,11 @@ class CheckpointError(Exception):
     """A checkpoint is missing, corrupt or does not match the model (raised at load, not per request)."""
 
 
+class DeviceUnavailable(CheckpointError):
+    """The device asked for (--device cuda or cuda:N) is not there, so no model can be loaded on it
+    (raised at start-up, by shared/device.py)."""
+
+
 class StorageFull(Overloaded):
     """A durable write failed for lack of space (disk full, file size limit); nothing was applied, and
     the same write may succeed once space is freed (RESOURCE_EXHAUSTED)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from shared.device import resolve_device
 from shared.errors import CheckpointError
 from shared.model.checkpoint import LoadedModel, load_checkpoint
 from shared.model.config import TowerConfig
@@ -23,15 +24,6 @@ from user_service.cuda_graphs import GraphedUserTower
 logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` = cuda when present, else cpu; asking for cuda without one is a start-up error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("--device cuda was asked for but torch sees no CUDA device")
-    return torch.device(name)
 
 
 @dataclass(frozen=True)

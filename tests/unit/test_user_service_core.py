@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from shared.device import resolve_device
 from shared.errors import CheckpointError, DeadlineExpired, InvalidInput, NotReady, Overloaded
 from shared.model.checkpoint import load_checkpoint
 from shared.model.features import UserContext, featurize_users
 from user_service.__main__ import config_from_args, parse_args
 from user_service.config import UserServiceConfig
-from user_service.encoder import UserEncoder, resolve_device
+from user_service.encoder import UserEncoder
 from user_service.service import EncodingService
 
 
