@@ -7,7 +7,6 @@ Services are started exactly as an operator would (`python -m <service> --port 0
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import platform
@@ -180,22 +179,15 @@ class ServiceProcess:
 
 async def wait_serving(service: ServiceProcess, timeout: float = START_TIMEOUT_S) -> float:
     """Poll the standard health service until SERVING; returns the seconds it took."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from shared import health
+
+    def check() -> None:
+        if service.proc is not None and service.proc.poll() is not None:
+            raise RuntimeError(f"{service.module} exited:\n{service.log_tail()}")
 
     began = time.monotonic()
-    async with grpc.aio.insecure_channel(service.address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() - began < timeout:
-            if service.proc is not None and service.proc.poll() is not None:
-                raise RuntimeError(f"{service.module} exited:\n{service.log_tail()}")
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return time.monotonic() - began
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
+    if await health.wait_serving(service.address, timeout, check):
+        return time.monotonic() - began
     raise TimeoutError(f"{service.module} at {service.address} not SERVING within {timeout:.0f}s")
 
 

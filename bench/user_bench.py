@@ -35,6 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+from shared.health import wait_serving  # noqa: E402
 from shared.model.checkpoint import random_model, save_checkpoint  # noqa: E402
 from shared.model.config import TowerConfig  # noqa: E402
 from shared.progress import print_above, progress_over  # noqa: E402
@@ -114,20 +115,8 @@ class Server:
 
 
 async def wait_ready(address: str, timeout: float = 120) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"{address} not SERVING within {timeout}s")
+    if not await wait_serving(address, timeout):
+        raise TimeoutError(f"{address} not SERVING within {timeout}s")
 
 
 async def run_cell(address: str, requests: list[bytes], concurrency: int, seconds: float) -> dict:

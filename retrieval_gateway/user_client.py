@@ -8,12 +8,12 @@ from collections.abc import Sequence
 
 import grpc
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared import codec
 from shared.channels import balanced_options
 from shared.convert import user_batch_to_proto
 from shared.errors import DeadlineExpired, InvalidInput, ModelMismatch, NotReady, Overloaded
+from shared.health import is_serving
 from shared.model.features import UserContext
 from shared.tls import ClientTLS, aio_channel
 from twotower.v1 import common_pb2, user_tower_pb2, user_tower_pb2_grpc
@@ -38,7 +38,6 @@ class UserEncoder:
         balanced = balanced_options(_SERVICE, ["EncodeUsers", "GetModels"])
         self._channel = aio_channel(address, [*channel_options, *_RECONNECT, *balanced], tls)
         self._stub = user_tower_pb2_grpc.UserTowerStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
         self.reachable = False  # last known: user_service answered (health SERVING or a good call)
 
     async def close(self) -> None:
@@ -84,9 +83,5 @@ class UserEncoder:
 
     async def probe(self, timeout: float) -> bool:
         """True when user_service reports SERVING; updates `reachable`."""
-        try:
-            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-            self.reachable = reply.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.aio.AioRpcError:
-            self.reachable = False
+        self.reachable = await is_serving(self._channel, timeout)
         return self.reachable

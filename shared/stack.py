@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.client.library import health
+from shared.health import serving_status
 
 SERVICES = ("candidate_service", "user_service", "retrieval_gateway")
 
@@ -81,7 +81,7 @@ def wait_serving(services: list[Managed], timeout: float) -> None:
             if code is not None:
                 raise StackError(f"{svc.name} exited with code {code} while starting; log {svc.log_path}:\n"
                                  f"{svc.log_tail()}")  # fmt: skip
-            if health(svc.address, timeout=1.0) == "SERVING":
+            if serving_status(svc.address, timeout=1.0) == "SERVING":
                 print(f"  {svc.name:<18} SERVING on {svc.address}", flush=True)
                 pending.remove(svc)
         if pending and time.monotonic() > deadline:

@@ -28,8 +28,9 @@ import grpc
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.message import Message
 
-from shared.client.library import HistoryEvent, RetrieveResult, TwoTowerClient, health
+from shared.client.library import HistoryEvent, RetrieveResult, TwoTowerClient
 from shared.client.rollout import RolloutFailed, RolloutTargets, run_rollout
+from shared.health import serving_status
 from shared.progress import progress_bar
 from shared.tls import ClientTLS, TLSConfigError, add_client_tls_flags, client_tls_from_args
 
@@ -226,9 +227,9 @@ def _upsert(client: TwoTowerClient, items: list[dict], batch_size: int) -> str:
 def _status(client: TwoTowerClient, args: argparse.Namespace, tls: ClientTLS | None) -> str:
     lines = [
         f"{'service':<18} {'address':<22} health",
-        f"{'retrieval_gateway':<18} {args.gateway:<22} {health(args.gateway, tls=tls)}",
-        f"{'user_service':<18} {args.user_service:<22} {health(args.user_service, tls=tls)}",
-        f"{'candidate_service':<18} {args.candidate:<22} {health(args.candidate, tls=tls)}",
+        f"{'retrieval_gateway':<18} {args.gateway:<22} {serving_status(args.gateway, tls=tls)}",
+        f"{'user_service':<18} {args.user_service:<22} {serving_status(args.user_service, tls=tls)}",
+        f"{'candidate_service':<18} {args.candidate:<22} {serving_status(args.candidate, tls=tls)}",
     ]
     for name, call in (("gateway", client.gateway_status), ("corpus", client.corpus_info)):
         try:
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.command == "health":  # no client needed; used by container health checks
-        status = health(args.address, timeout=args.timeout, tls=tls)
+        status = serving_status(args.address, timeout=args.timeout, tls=tls)
         print(status)
         return 0 if status == "SERVING" else 1
     if args.command == "rollout":

@@ -1,4 +1,4 @@
-"""`TwoTowerClient`: retrieve from the gateway, change the corpus, read status and health.
+"""`TwoTowerClient`: retrieve from the gateway, change the corpus, read status (health: shared/health.py).
 
     from shared.client import HistoryEvent, TwoTowerClient
 
@@ -20,7 +20,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.channels import balanced_options
 from shared.server.bootstrap import DEFAULT_MAX_MESSAGE_BYTES
@@ -172,20 +171,3 @@ class TwoTowerClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def health(address: str, timeout: float = 2.0, tls: ClientTLS | None = None) -> str:
-    """grpc.health.v1 status of the server at `address` ("SERVING", "NOT_SERVING", ... or "UNREACHABLE";
-    a TLS handshake that fails, e.g. for want of a valid client certificate, is UNREACHABLE too)."""
-    try:
-        with sync_channel(address, (), tls) as channel:
-            response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=timeout
-            )
-    except grpc.RpcError as exc:
-        return (
-            "UNREACHABLE"
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-            else (exc.code().name)
-        )
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

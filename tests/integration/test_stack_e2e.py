@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from shared.client import HistoryEvent, TwoTowerClient
-from shared.client.library import health
+from shared.health import serving_status as health
 from shared.model.checkpoint import load_checkpoint
 from shared.model.features import UserContext, featurize_items, featurize_users
 from tests.integration.stacks import launch_stack, write_items

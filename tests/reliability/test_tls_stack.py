@@ -13,7 +13,7 @@ import pytest
 
 from shared.client import TwoTowerClient
 from shared.client.cli import main as cli_main
-from shared.client.library import health
+from shared.health import serving_status as health
 from shared.tls import ClientTLS
 from tests.reliability.harness import Stack, write_items
 from tests.support import REPO_ROOT, ServiceProcess
