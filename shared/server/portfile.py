@@ -3,14 +3,11 @@ so that supervisors and tests can find it without racing for a free port."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from shared.atomic_file import atomic_write_text
 
 
 def write_port_file(path: str | Path | None, port: int) -> None:
-    if path is None:
-        return
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"{port}\n")
-    os.replace(tmp, path)
+    if path is not None:
+        atomic_write_text(path, f"{port}\n")
