@@ -18,11 +18,11 @@ from retrieval_gateway import metrics
 from retrieval_gateway.config import GatewayConfig
 from retrieval_gateway.convert import retrieve_spec_from_proto
 from retrieval_gateway.follower import CorpusFollower
-from retrieval_gateway.index import CorpusIndex, CorpusInfo, Query, SearchResult, model_mismatch
+from retrieval_gateway.index import CorpusIndex, CorpusView, Query, SearchResult, model_mismatch
 from retrieval_gateway.router import ShardRouter
 from retrieval_gateway.shard_client import ShardClient
 from retrieval_gateway.sharding import ShardFilter
-from retrieval_gateway.user_client import UserEncoder
+from retrieval_gateway.user_client import UserServiceClient
 from shared.batching import BatchReport, MicroBatcher
 from shared.device import resolve_device
 from shared.errors import (
@@ -75,7 +75,7 @@ class Gateway:
             self.device = resolve_device(config.device)
             self.index = CorpusIndex(self.device, config.dtype, config.max_score_elements, config.fused_gemv)
             search = self.index.search
-        self.users = UserEncoder(config.user_service, options, tls=config.upstream_tls)
+        self.users = UserServiceClient(config.user_service, options, tls=config.upstream_tls)
         # Concurrent requests share one EncodeUsers call (user_service batches the forward pass; this
         # saves one RPC per request on both sides). Awaited on the loop: it is I/O, not compute. Several
         # calls may be in flight: one slow or stalled user_service replica does not hold up the others,
@@ -143,7 +143,7 @@ class Gateway:
         if self.router is not None:
             await self.router.close()
 
-    def corpus_info(self) -> CorpusInfo | None:
+    def corpus_info(self) -> CorpusView | None:
         """The corpus this gateway scores against (a router: what its shards report)."""
         if self.router is not None:
             return self.router.info()
@@ -351,7 +351,7 @@ class Gateway:
         embeddings, fingerprint = await self.users.encode([job.user], timeout, job.fingerprint)
         return embeddings[0], fingerprint
 
-    def _corpus_or_raise(self) -> CorpusInfo:
+    def _corpus_or_raise(self) -> CorpusView:
         info = self.corpus_info()
         if info is None:
             if self.router is not None:

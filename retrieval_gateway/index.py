@@ -9,7 +9,7 @@ snapshot is built aside, without the lock, and swapped in by reference (double b
 flight finishes on the old corpus, the next one sees the new one.
 
 `info()` never takes the lock: after each snapshot swap and delta the index publishes an immutable
-CorpusInfo by replacing one attribute (atomic in Python), so the event loop, the follower and the
+CorpusView by replacing one attribute (atomic in Python), so the event loop, the follower and the
 readiness loop never wait for a scoring batch.
 
 Memory: beyond the matrix an item costs CorpusRows' ~44 bytes plus its encoded attributes; on the
@@ -104,7 +104,7 @@ class SearchResult:
 
 
 @dataclass(frozen=True)
-class CorpusInfo:
+class CorpusView:
     """What readers may know about the current corpus without waiting for a search (published)."""
 
     version: int
@@ -128,9 +128,9 @@ class _Corpus:
             self.tie_ids_dev[: rows.used] = torch.from_numpy(rows.post_ids).to(matrix.device)
         self._masked: torch.Tensor | None = None  # free rows on the device, rebuilt after a change
 
-    def info(self) -> CorpusInfo:
+    def info(self) -> CorpusView:
         r = self.rows
-        return CorpusInfo(r.version, r.fingerprint, r.size, r.dim)
+        return CorpusView(r.version, r.fingerprint, r.size, r.dim)
 
     def tie_ids(self) -> torch.Tensor:
         if self.tie_ids_dev is None:
@@ -178,10 +178,10 @@ class CorpusIndex:
         self.fused_gemv = fused_gemv and self.device.type == "cpu"
         self._lock = threading.Lock()
         self._corpus: _Corpus | None = None
-        self._info: CorpusInfo | None = None  # published after every change, read without the lock
+        self._info: CorpusView | None = None  # published after every change, read without the lock
 
     # ---- reading -------------------------------------------------------------------------------
-    def info(self) -> CorpusInfo | None:
+    def info(self) -> CorpusView | None:
         """The current corpus's version, fingerprint, size and dim; never waits for a search."""
         return self._info
 

@@ -21,7 +21,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from retrieval_gateway.index import CorpusInfo, Query, SearchResult
+from retrieval_gateway.index import CorpusView, Query, SearchResult
 from retrieval_gateway.shard_client import ShardAnswer, ShardClient, ShardStatus
 from retrieval_gateway.sharding import merge_hits
 from shared.errors import ModelMismatch, NotReady, ServiceError
@@ -39,11 +39,11 @@ class ShardRouter:
         self.default_timeout_s = default_timeout_s
         self.status_timeout_s = status_timeout_s
         self.statuses: list[ShardStatus | None] = [None] * len(self.shards)
-        self._info: CorpusInfo | None = None
+        self._info: CorpusView | None = None
         self._refreshing: asyncio.Task | None = None
 
     # ---- what the router knows of the corpus ----------------------------------------------------
-    def info(self) -> CorpusInfo | None:
+    def info(self) -> CorpusView | None:
         """The corpus the shards serve: the model of the newest ready shard, the oldest version among
         the shards on that model, the sum of their sizes. None while no shard is ready."""
         return self._info
@@ -65,7 +65,7 @@ class ShardRouter:
             return
         newest = max(ready, key=lambda s: s.version)
         same = [s for s in ready if s.fingerprint == newest.fingerprint]
-        self._info = CorpusInfo(
+        self._info = CorpusView(
             version=min(s.version for s in same),
             fingerprint=newest.fingerprint,
             size=sum(s.size for s in same),

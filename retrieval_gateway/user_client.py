@@ -28,7 +28,7 @@ _RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_b
               ("grpc.max_reconnect_backoff_ms", 2000)]  # fmt: skip
 
 
-class UserEncoder:
+class UserServiceClient:
     def __init__(
         self, address: str, channel_options: list[tuple[str, int]], tls: ClientTLS | None = None
     ) -> None:

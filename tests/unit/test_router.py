@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_gateway.index import CorpusInfo, Query, SearchResult
+from retrieval_gateway.index import CorpusView, Query, SearchResult
 from retrieval_gateway.router import ShardRouter
 from retrieval_gateway.shard_client import ShardAnswer, ShardStatus, ShardUnavailable
 from retrieval_gateway.sharding import ShardHits, merge_hits
@@ -195,17 +195,17 @@ def status(version: int, model: str, size: int, ready: bool = True, dim: int = 4
     ("statuses", "expected"),
     [
         # one model: the oldest version, the sizes summed
-        ([status(7, "a", 10), status(5, "a", 20), status(9, "a", 30)], CorpusInfo(5, "a", 60, 4)),
+        ([status(7, "a", 10), status(5, "a", 20), status(9, "a", 30)], CorpusView(5, "a", 60, 4)),
         # a rollout half way: the newest shard's model, the oldest version among the shards on it,
         # only their sizes (the shards still on "a" are not counted)
         (
             [status(3, "a", 10), status(12, "b", 20, dim=8), status(11, "b", 30, dim=8), status(4, "a", 5)],
-            CorpusInfo(11, "b", 50, 8),
+            CorpusView(11, "b", 50, 8),
         ),
         # shards that are not ready, do not answer or have no corpus yet count for nothing
         (
             [status(8, "a", 10), None, status(99, "b", 70, ready=False), status(0, "", 0)],
-            CorpusInfo(8, "a", 10, 4),
+            CorpusView(8, "a", 10, 4),
         ),
         ([None, status(5, "a", 10, ready=False)], None),
     ],
@@ -248,7 +248,7 @@ def test_settle_waits_until_the_shards_agree_on_a_model():
         task = asyncio.create_task(finish_rollout())
         await r.settle(loop.time() + 5.0, poll_s=0.01)
         await task
-        assert r.info() == CorpusInfo(6, MODEL, 30, 4)
+        assert r.info() == CorpusView(6, MODEL, 30, 4)
         assert shards[1].status_calls >= 2
         # never agreeing: settle gives up at the deadline
         shards[1].status_reply = status(7, "other", 10)
