@@ -16,6 +16,7 @@ COPY user_service ./user_service
 COPY candidate_service ./candidate_service
 COPY retrieval_gateway ./retrieval_gateway
 COPY training ./training
+COPY twotower_cli ./twotower_cli
 # Protos first, then the editable install, so that the console scripts (`twotower health` in every compose
 # health check) import the generated code from any directory; tests/unit/test_compose.py runs this script.
 COPY docker/install.sh ./docker/install.sh

@@ -45,7 +45,7 @@ $(PROTO_STAMP): $(PROTO_SRC) constraints.txt | $(PROTOC_STAMP)
 $(SETUP_STAMP): pyproject.toml constraints.txt $(PROTO_STAMP) | $(PY)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,parquet]"
-	cd / && "$(CURDIR)/$(PY)" -c "import shared, twotower.v1"
+	cd / && "$(CURDIR)/$(PY)" -c "import shared, twotower_cli, twotower.v1"
 	touch $@
 
 # MovieLens-100K (GroupLens), as packaged in the RecBole 1.2.1 wheel: fetched once into .cache/ (never
@@ -74,7 +74,7 @@ train: setup $(MOVIELENS_WHEEL)
 
 # The three services on loopback with the MovieLens model and corpus (trained first when missing).
 run-stack: setup $(ARTIFACTS)/metrics.json
-	$(PY) -m shared.stack --artifacts $(ARTIFACTS) $(STACK_ARGS)
+	$(PY) -m twotower_cli.stack --artifacts $(ARTIFACTS) $(STACK_ARGS)
 
 # Benchmarks: quick by default (the whole run stays under 10 minutes on the 2-core dev box); FULL=1 runs
 # the long versions. Results (JSON, report.md, PNG plots) go to results/ (gitignored).

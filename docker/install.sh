@@ -17,4 +17,4 @@ rm -rf twotower
 touch twotower/__init__.py twotower/v1/__init__.py
 "$PYTHON" -m pip install -c constraints.txt -e ".[dev]"
 # Fail the build here rather than in the first health check: the installed packages import from /.
-cd / && "$PYTHON" -c "import shared, twotower.v1"
+cd / && "$PYTHON" -c "import shared, twotower_cli, twotower.v1"

@@ -25,7 +25,6 @@ from shared.client.rollout import RolloutTargets, run_rollout
 from shared.convert import user_context_from_proto
 from shared.model.checkpoint import load_checkpoint, random_model, save_checkpoint
 from shared.model.features import featurize_items
-from shared.stack import build as stack_services
 from tests.reliability.harness import Stack, write_items
 from twotower.v1 import (
     candidate_tower_pb2,
@@ -36,6 +35,7 @@ from twotower.v1 import (
     user_tower_pb2,
     user_tower_pb2_grpc,
 )
+from twotower_cli.stack import build as stack_services
 from user_service.encoder import UserEncoder
 
 CLIENTS = 8

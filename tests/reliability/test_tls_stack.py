@@ -12,11 +12,11 @@ import grpc
 import pytest
 
 from shared.client import TwoTowerClient
-from shared.client.cli import main as cli_main
 from shared.health import serving_status as health
 from shared.tls import ClientTLS
 from tests.reliability.harness import Stack, write_items
 from tests.support import REPO_ROOT, ServiceProcess
+from twotower_cli.cli import main as cli_main
 
 pytestmark = pytest.mark.reliability
 

@@ -4,9 +4,9 @@ import socket
 import grpc
 import pytest
 
-from shared.client import cli
 from shared.client.library import RetrievedItem, RetrieveResult
-from shared.stack import main as stack_main
+from twotower_cli import cli
+from twotower_cli.stack import main as stack_main
 
 
 def test_parse_history():

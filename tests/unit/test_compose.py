@@ -79,7 +79,7 @@ def test_shared_volume_and_image():
     assert (ROOT / "training" / "__main__.py").is_file()
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "USER app" in dockerfile and "RUN sh docker/install.sh" in dockerfile
-    assert 'twotower = "shared.client.cli:main"' in (ROOT / "pyproject.toml").read_text()  # health checks
+    assert 'twotower = "twotower_cli.cli:main"' in (ROOT / "pyproject.toml").read_text()  # health checks
 
 
 def _dockerfile() -> list[tuple[str, str]]:

@@ -278,8 +278,8 @@ def _probe_checks(p: Parsed, probe: Doc, docs: list[Doc], monkeypatch, tmp_path:
         service = importlib.import_module(f"{p.module}.server").SERVICE_NAME
         assert probe["grpc"] == {"port": port, "service": service}, p.name
         return
-    from shared.client import cli
     from shared.tls import client_tls_from_args
+    from twotower_cli import cli
 
     def parse(argv: list[str]) -> tuple[argparse.Namespace, Any]:
         args = cli.build_parser().parse_args(argv)
