@@ -1,25 +1,18 @@
-"""RetrieveRequest -> validated plain values, and search results -> RetrieveResponse. No grpc import."""
+"""The gateway's boundary: RetrieveRequest -> RetrieveSpec (checked), SearchResult -> RetrieveResponse,
+GatewayReport -> GatewayStatus. Protobuf types only, no grpc. (The shard RPC's wire form, both sides,
+is in shard_client.py.)"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from retrieval_gateway.gateway import GatewayReport, RetrieveSpec
 from retrieval_gateway.index import SearchResult
 from shared.convert import user_context_from_proto
 from shared.errors import InvalidInput
 from shared.model.actions import ACTION_NAMES
-from shared.model.features import UserContext, validate_user
-from twotower.v1 import retrieval_gateway_pb2
-
-
-@dataclass(frozen=True)
-class RetrieveSpec:
-    user: UserContext  # parsed and checked once here; sent to user_service in columns (no re-parse)
-    k: int
-    exclude_post_ids: np.ndarray  # [e] int64: explicit exclusions plus history posts when asked
-    exclude_author_ids: np.ndarray  # [a] int64
+from shared.model.features import validate_user
+from twotower.v1 import common_pb2, retrieval_gateway_pb2
 
 
 def retrieve_spec_from_proto(
@@ -42,7 +35,7 @@ def retrieve_spec_from_proto(
     if request.exclude_history:
         posts = np.concatenate([posts, ctx.post_ids])
     authors = np.fromiter(request.exclude_author_ids, np.int64, len(request.exclude_author_ids))
-    return RetrieveSpec(ctx, request.k, np.unique(posts), np.unique(authors))
+    return RetrieveSpec(ctx, request.k, np.unique(posts), np.unique(authors), request.allow_partial)
 
 
 def result_to_proto(result: SearchResult) -> retrieval_gateway_pb2.RetrieveResponse:
@@ -60,3 +53,27 @@ def result_to_proto(result: SearchResult) -> retrieval_gateway_pb2.RetrieveRespo
         if attributes:  # update() fills the map 2.4x faster than the attributes= keyword (100 items:
             item.attributes.update(attributes)  # 183 vs 447 us with two short attributes each)
     return response
+
+
+def status_to_proto(report: GatewayReport) -> retrieval_gateway_pb2.GatewayStatus:
+    status = retrieval_gateway_pb2.GatewayStatus(
+        ready=report.ready,
+        device=report.device,
+        dtype=common_pb2.DTYPE_BFLOAT16 if report.dtype == "bf16" else common_pb2.DTYPE_FLOAT32,
+        candidate_service_connected=report.candidate_service_connected,
+        user_calls_in_flight=report.user_calls_in_flight,
+        role=report.role,
+        shard_index=report.shard_index,
+        num_shards=report.num_shards,
+        background_tasks=[
+            common_pb2.BackgroundTask(
+                name=t.name, running=t.running, failures=t.failures, last_error=t.last_error
+            )
+            for t in report.background_tasks
+        ],
+    )
+    if report.corpus is not None:
+        corpus = report.corpus
+        status.corpus_version, status.corpus_size = corpus.version, corpus.size
+        status.model_fingerprint, status.embedding_dim = corpus.fingerprint, corpus.dim
+    return status

@@ -1,7 +1,8 @@
-"""The gateway's request path and background work: validate -> user embedding -> batched search.
+"""The gateway's request path and background work: user embedding -> batched search.
 
 Owns the corpus index, the corpus follower, the user_service client and the micro-batcher; the
-servicer only converts protos and delegates here.
+servicer converts protos (convert.py) and delegates here. Domain types in and out: a RetrieveSpec in,
+a SearchResult out, a GatewayReport for GetStatus.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from retrieval_gateway import metrics
 from retrieval_gateway.config import GatewayConfig
-from retrieval_gateway.convert import retrieve_spec_from_proto
 from retrieval_gateway.follower import CorpusFollower
 from retrieval_gateway.index import CorpusIndex, CorpusView, Query, SearchResult, model_mismatch
 from retrieval_gateway.router import ShardRouter
@@ -35,14 +37,40 @@ from shared.errors import (
 )
 from shared.model.features import UserContext
 from shared.server.bootstrap import Health
-from shared.supervision import Supervisor
-from twotower.v1 import retrieval_gateway_pb2
+from shared.supervision import Supervisor, TaskState
 
 logger = logging.getLogger(__name__)
 
 _SWITCH_RETRIES = 2  # a request restarts at most this often because the corpus changed model under it
 _ROUTER_SWITCH_RETRIES = 8  # a router's: its shards switch one after another (each wait is bounded)
 _IN_TRANSIT_S = 0.003  # a loopback round trip: the clients of a finished batch sending their next requests
+
+
+@dataclass(frozen=True)
+class RetrieveSpec:
+    """One Retrieve, parsed and checked (convert.retrieve_spec_from_proto)."""
+
+    user: UserContext  # checked once; sent to user_service in columns (no re-parse)
+    k: int
+    exclude_post_ids: np.ndarray  # [e] int64: explicit exclusions plus history posts when asked
+    exclude_author_ids: np.ndarray  # [a] int64
+    allow_partial: bool = False  # a router: may the shards that answer answer alone?
+
+
+@dataclass(frozen=True)
+class GatewayReport:
+    """What GetStatus tells (convert.status_to_proto)."""
+
+    ready: bool
+    role: str
+    device: str
+    dtype: str  # corpus storage: "fp32" or "bf16"
+    candidate_service_connected: bool
+    user_calls_in_flight: int
+    shard_index: int  # role shard: this shard (0 otherwise)
+    num_shards: int  # role shard or router
+    corpus: CorpusView | None
+    background_tasks: list[TaskState] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -199,13 +227,14 @@ class Gateway:
         return min(cap, _IN_TRANSIT_S) if self._last_batch_size > 1 else 0.0
 
     # ---- requests ------------------------------------------------------------------------------
-    async def retrieve(
-        self, request: retrieval_gateway_pb2.RetrieveRequest, time_remaining: float | None
-    ) -> SearchResult:
-        """`time_remaining`: seconds left of the caller's deadline (None = no deadline)."""
+    @contextlib.contextmanager
+    def request_outcome(self) -> Iterator[None]:
+        """Around one Retrieve, its parsing included: a shard refuses it first, and its outcome and total
+        latency are counted (an INVALID_ARGUMENT too)."""
         start = time.perf_counter()
         try:
-            result = await self._retrieve(request, time_remaining)
+            self._refuse_on_shard()
+            yield
         except ServiceError as exc:
             metrics.REQUESTS.labels(type(exc).__name__).inc()
             if isinstance(exc, ModelMismatch):
@@ -216,18 +245,20 @@ class Gateway:
             raise
         metrics.REQUESTS.labels("ok").inc()
         metrics.LATENCY.labels("total").observe(time.perf_counter() - start)
-        return result
 
-    async def _retrieve(
-        self, request: retrieval_gateway_pb2.RetrieveRequest, time_remaining: float | None
-    ) -> SearchResult:
+    def _refuse_on_shard(self) -> None:
         cfg = self.config
         if self.role == "shard":
             raise PreconditionFailed(
                 f"this gateway is shard {cfg.shard_index} of {cfg.num_shards} (--role shard): it answers its "
                 "router's ScoreShard calls; send Retrieve to the router"
             )
-        spec = retrieve_spec_from_proto(request, cfg.max_k, cfg.max_exclusions, cfg.max_history_events)
+
+    async def retrieve(self, spec: RetrieveSpec, time_remaining: float | None) -> SearchResult:
+        """One checked request's results (within `request_outcome()`, which counts it). `time_remaining`:
+        seconds left of the caller's deadline (None = no deadline)."""
+        self._refuse_on_shard()
+        cfg = self.config
         loop = asyncio.get_running_loop()
         deadline = None if time_remaining is None else loop.time() + time_remaining
         user_deadline = loop.time() + (cfg.user_timeout_s if time_remaining is None else time_remaining)
@@ -258,7 +289,7 @@ class Gateway:
                 raise NotReady(f"user_service returned D={embedding.shape[0]} for a corpus of D={now.dim}")
             query = Query(
                 embedding, fingerprint, spec.k, spec.exclude_post_ids, spec.exclude_author_ids,
-                allow_partial=request.allow_partial, deadline=deadline,
+                allow_partial=spec.allow_partial, deadline=deadline,
             )  # fmt: skip
             try:
                 result = await self.batcher.submit(query, deadline)
@@ -361,34 +392,27 @@ class Gateway:
             raise NotReady(f"the corpus is empty (version {info.version}): nothing to retrieve")
         return info
 
-    def status(self, serving: bool) -> retrieval_gateway_pb2.GatewayStatus:
-        info = self.corpus_info()
-        stored = self.index.dtype_name if self.index is not None else "fp32"
-        dtype = "DTYPE_BFLOAT16" if stored == "bf16" else "DTYPE_FLOAT32"
+    def status(self, serving: bool) -> GatewayReport:
         cfg = self.config
-        status = retrieval_gateway_pb2.GatewayStatus(
+        tasks = [replace(state) for state in self.supervisor.states.values()]  # copies: a snapshot
+        if self.follower is not None:
+            tasks.append(  # errors the follower survived by resyncing
+                TaskState(
+                    "corpus-stream", self.follower.connected, self.follower.errors, self.follower.last_error
+                )
+            )
+        return GatewayReport(
             ready=serving,
+            role=self.role,
             device=str(self.device),
-            dtype=dtype,
+            dtype=self.index.dtype_name if self.index is not None else "fp32",
             candidate_service_connected=self.follower is not None and self.follower.connected,
             user_calls_in_flight=self.user_batcher.batches_in_flight,
-            role=self.role,
             shard_index=cfg.shard_index if self.role == "shard" else 0,
             num_shards=len(cfg.shard_addresses) if self.router is not None else cfg.num_shards,
+            corpus=self.corpus_info(),
+            background_tasks=tasks,
         )
-        for state in self.supervisor.states.values():
-            status.background_tasks.add(
-                name=state.name, running=state.running, failures=state.failures, last_error=state.last_error
-            )
-        if self.follower is not None:
-            status.background_tasks.add(  # errors the follower survived by resyncing
-                name="corpus-stream", running=self.follower.connected, failures=self.follower.errors,
-                last_error=self.follower.last_error,
-            )  # fmt: skip
-        if info is not None:
-            status.corpus_version, status.corpus_size = info.version, info.size
-            status.model_fingerprint, status.embedding_dim = info.fingerprint, info.dim
-        return status
 
     # ---- shard role ------------------------------------------------------------------------------
     async def score_shard(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from retrieval_gateway.convert import result_to_proto
+from retrieval_gateway.convert import result_to_proto, retrieve_spec_from_proto, status_to_proto
 from retrieval_gateway.gateway import Gateway
 from retrieval_gateway.shard_client import queries_from_request, score_response
 from shared.server.bootstrap import Health
@@ -19,13 +19,16 @@ class RetrievalGatewayServicer(retrieval_gateway_pb2_grpc.RetrievalGatewayServic
     async def Retrieve(
         self, request: retrieval_gateway_pb2.RetrieveRequest, context: grpc.aio.ServicerContext
     ) -> retrieval_gateway_pb2.RetrieveResponse:
-        result = await self.gateway.retrieve(request, context.time_remaining())
+        gateway, cfg, remaining = self.gateway, self.gateway.config, context.time_remaining()
+        with gateway.request_outcome():
+            spec = retrieve_spec_from_proto(request, cfg.max_k, cfg.max_exclusions, cfg.max_history_events)
+            result = await gateway.retrieve(spec, remaining)
         return result_to_proto(result)
 
     async def GetStatus(
         self, request: retrieval_gateway_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> retrieval_gateway_pb2.GatewayStatus:
-        return self.gateway.status(serving=self.health is not None and self.health.serving)
+        return status_to_proto(self.gateway.status(serving=self.health is not None and self.health.serving))
 
 
 class ShardScorerServicer(retrieval_gateway_pb2_grpc.ShardScorerServicer):
