@@ -42,6 +42,8 @@ def default_dtype(device: torch.device) -> str:
     scan: cuBLAS multiplies bf16 rows with fp32 accumulation), fp32 on cpu (a CPU without bf16 dot
     products pays for widening every row; measured in docs/decisions.md)."""
     return "bf16" if device.type == "cuda" else "fp32"
+
+
 Attributes = Mapping[str, str]
 
 
