@@ -98,13 +98,18 @@ class TwoTowerClient:
         ]
         self._channels: dict[str, grpc.Channel] = {}
         # Addresses are gRPC targets (several gateways: `dns:///gateway:50051`, `ipv4:a:p,b:p`): calls
-        # are spread round_robin over the healthy ones and the reads are retried on another when one
-        # goes away (shared/channels.py). Writes are not retried: the caller decides.
+        # are spread round_robin and the reads are retried on another backend when one goes away
+        # (shared/channels.py). Writes are not retried: the caller decides. Retrieve goes only to
+        # gateways that report SERVING; status calls reach any (a NOT_SERVING gateway is the one whose
+        # status tells why), and so do candidate_service's calls (one writer of record).
         balanced = {
             "gateway": balanced_options(_GATEWAY, ["Retrieve", "GetStatus"]),
-            "candidate": balanced_options(_CANDIDATE, ["GetCorpusInfo", "GetRolloutStatus"]),
+            "gateway-status": balanced_options(_GATEWAY, ["GetStatus"], health_check=False),
+            "candidate": balanced_options(
+                _CANDIDATE, ["GetCorpusInfo", "GetRolloutStatus"], health_check=False
+            ),
         }
-        for name, address in (("gateway", gateway), ("candidate", candidate)):
+        for name, address in (("gateway", gateway), ("gateway-status", gateway), ("candidate", candidate)):
             if address:
                 self._channels[name] = sync_channel(address, [*options, *balanced[name]], tls)
 
@@ -158,7 +163,7 @@ class TwoTowerClient:
         return stub.GetCorpusInfo(candidate_tower_pb2.GetCorpusInfoRequest(), timeout=self.timeout)
 
     def gateway_status(self) -> retrieval_gateway_pb2.GatewayStatus:
-        stub = retrieval_gateway_pb2_grpc.RetrievalGatewayStub(self._channel("gateway"))
+        stub = retrieval_gateway_pb2_grpc.RetrievalGatewayStub(self._channel("gateway-status"))
         return stub.GetStatus(retrieval_gateway_pb2.GetStatusRequest(), timeout=self.timeout)
 
     def close(self) -> None:
