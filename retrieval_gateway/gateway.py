@@ -430,13 +430,25 @@ class Gateway:
                 f"the router expects shard {shard_index} of {num_shards}; this is shard {cfg.shard_index} "
                 f"of {cfg.num_shards}: the router's --shard-addresses and the shards' flags disagree"
             )
-        self._corpus_or_raise()
         info = self.corpus_info()
+        if info is None:
+            raise NotReady("no corpus yet: waiting for the first snapshot from candidate_service")
         for q in queries:
-            if info is not None and q.embedding.shape[0] != info.dim:
+            if q.embedding.shape[0] != info.dim:
                 raise InvalidInput(
                     f"embeddings have D={q.embedding.shape[0]}; this shard's corpus has D={info.dim}"
                 )
+        if info.size == 0:
+            # An empty slice (a small corpus, or every item of this shard deleted) holds no hit: that is
+            # an answer, not an outage (NotReady here failed every request of the router).
+            for q in queries:
+                if q.fingerprint != info.fingerprint:
+                    raise model_mismatch(q.fingerprint, info.fingerprint)
+            empty = SearchResult(
+                np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32), [],
+                info.version, info.fingerprint,
+            )  # fmt: skip
+            return [empty] * len(queries), info.version, info.fingerprint
         results = await asyncio.to_thread(self.index.search, queries)
         errors = [r for r in results if isinstance(r, Exception)]
         if errors:
