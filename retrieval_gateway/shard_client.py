@@ -14,7 +14,7 @@ import torch
 from retrieval_gateway.index import Query, SearchResult
 from retrieval_gateway.sharding import ShardHits
 from shared import codec
-from shared.channels import balanced_options
+from shared.channels import RECONNECT_OPTIONS, balanced_options
 from shared.errors import DeadlineExpired, InvalidInput, ModelMismatch, NotReady, ServiceError
 from shared.tls import ClientTLS, aio_channel
 from twotower.v1 import common_pb2, retrieval_gateway_pb2, retrieval_gateway_pb2_grpc
@@ -124,9 +124,10 @@ class ShardClient:
         tls: ClientTLS | None = None,
     ) -> None:  # fmt: skip
         self.index, self.num_shards, self.address = index, num_shards, address
-        # A shard's target may name several replicas of it: balanced and retried like any service.
+        # A shard's target may name several replicas of it: balanced and retried like any service; a
+        # shard back from an outage is tried again within RECONNECT_OPTIONS' 2 s, not gRPC's 120 s.
         balanced = balanced_options(_SCORER, ["ScoreShard"])
-        self._channel = aio_channel(address, [*channel_options, *balanced], tls)
+        self._channel = aio_channel(address, [*channel_options, *RECONNECT_OPTIONS, *balanced], tls)
         self._scorer = retrieval_gateway_pb2_grpc.ShardScorerStub(self._channel)
         self._gateway = retrieval_gateway_pb2_grpc.RetrievalGatewayStub(self._channel)
 
