@@ -19,6 +19,7 @@ import json
 from collections.abc import Sequence
 
 MAX_ATTEMPTS = 3  # one call and two retries on another backend
+_HEALTH = "grpc.health.v1.Health"
 # gRPC's reconnect backoff grows to 120 s by default: a backend back from an outage (a restarted shard
 # or replica) would wait up to two minutes for its clients to try it again. Capped for the callers that
 # must use it again within seconds (measured: a shard down 30 s was used again 17 s after it was back).
@@ -36,22 +37,26 @@ def service_config(service: str, idempotent_methods: Sequence[str] = (), health_
         # "": the server as a whole, which every server of this project reports (with its own service
         # name); a server that does not implement grpc.health.v1 at all counts as healthy.
         config["healthCheckConfig"] = {"serviceName": ""}
-    if idempotent_methods:
-        config["methodConfig"] = [
-            {
-                "name": [{"service": service, "method": m} for m in idempotent_methods],
-                "retryPolicy": {
-                    "maxAttempts": MAX_ATTEMPTS,
-                    "initialBackoff": "0.01s",
-                    "maxBackoff": "0.2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-        # A burst of failures must not turn into a storm of retries: gRPC stops retrying while more
-        # than half of the token bucket is spent (each failure costs 1 token, each success gives 0.1).
-        config["retryThrottling"] = {"maxTokens": 100, "tokenRatio": 0.1}
+    # grpc.health.v1 Check is retried too: it is idempotent, and it is how callers probe a target (a
+    # gateway's readiness asks user_service). A probe caught by one replica's death must not report the
+    # whole target down while the others serve (measured: of ~3,000 probes from 8 concurrent probers,
+    # 2-4 in flight at a replica's SIGKILL failed; one such probe turns a gateway NOT_SERVING).
+    names = [{"service": service, "method": m} for m in idempotent_methods]
+    config["methodConfig"] = [
+        {
+            "name": [*names, {"service": _HEALTH, "method": "Check"}],
+            "retryPolicy": {
+                "maxAttempts": MAX_ATTEMPTS,
+                "initialBackoff": "0.01s",
+                "maxBackoff": "0.2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+    # A burst of failures must not turn into a storm of retries: gRPC stops retrying while more than
+    # half of the token bucket is spent (each failure costs 1 token, each success gives 0.1).
+    config["retryThrottling"] = {"maxTokens": 100, "tokenRatio": 0.1}
     return json.dumps(config, separators=(",", ":"))
 
 

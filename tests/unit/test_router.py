@@ -296,5 +296,8 @@ def test_a_shard_channel_retries_scoreshard_and_reconnects_within_seconds(monkey
     config = json.loads(opts["grpc.service_config"])
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     [method] = config["methodConfig"]
-    assert {n["method"] for n in method["name"]} == {"ScoreShard"}
+    assert {(n["service"].rsplit(".", 1)[-1], n["method"]) for n in method["name"]} == {
+        ("ShardScorer", "ScoreShard"),
+        ("Health", "Check"),  # retried on every balanced channel (shared/channels.py)
+    }
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
