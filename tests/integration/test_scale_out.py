@@ -13,6 +13,7 @@ on one thread; see assert_same_answer for why, and for what a failure caused by 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -32,6 +33,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from retrieval_gateway.sharding import shard_of
+from retrieval_gateway.user_client import UserServiceClient
 from shared.channels import balanced_options
 from shared.client import HistoryEvent, TwoTowerClient
 from shared.model.checkpoint import random_model, save_checkpoint
@@ -457,6 +459,25 @@ def requests_answered(port: int) -> float:
     return counter(port, "twotower_gateway_requests_total", outcome="ok")
 
 
+def probe_while(target: str, stop: threading.Event, counts: dict[str, int], probers: int = 8) -> None:
+    """A gateway's readiness probe of user_service (UserServiceClient.probe: grpc.health.v1 Check through
+    its balanced channel to `target`), `probers` at a time, back to back until `stop`; counts outcomes."""
+
+    async def main() -> None:
+        users = UserServiceClient(target, [])
+
+        async def probe() -> None:
+            while not stop.is_set():
+                counts["serving" if await users.probe(timeout=CALL_S) else "failed"] += 1
+
+        try:
+            await asyncio.gather(*(probe() for _ in range(probers)))
+        finally:
+            await users.close()
+
+    asyncio.run(main())
+
+
 def test_replicas_behind_one_target_lose_no_request_when_one_of_each_is_killed(stack):
     """Two gateways, each asking two user_service replicas (the stack's first and one of its own), behind
     `ipv4:g0,g1` in the client library; 6 clients; the own user_service replica, then gateway 0 are
@@ -498,12 +519,20 @@ def test_replicas_behind_one_target_lose_no_request_when_one_of_each_is_killed(s
                         failures.append(f"client {c}: {exc.code().name}: {exc.details()}")
                     i += len(ok)
 
-        with ThreadPoolExecutor(len(ok)) as pool:
+        with ThreadPoolExecutor(len(ok) + 1) as pool:
             running = [pool.submit(client, c) for c in range(len(ok))]
             try:
                 wait_until(lambda: sum(ok) >= 100, "100 answers before the kills")
                 encoded_by_victim = counter(metrics_port(user), "twotower_user_encode_users_total")
+                # Readiness probes of the same target in flight at the kill (with 8 back to back, a few
+                # are; each failure would turn a gateway NOT_SERVING for a poll period).
+                probes_done, probes = threading.Event(), {"serving": 0, "failed": 0}
+                prober = pool.submit(probe_while, user_target, probes_done, probes)
+                wait_until(lambda: probes["serving"] >= 50, "50 readiness probes before the kill")
                 user.kill()
+                time.sleep(0.5)
+                probes_done.set()
+                prober.result(timeout=CALL_S * 2)
                 before = sum(ok)
                 wait_until(lambda: sum(ok) >= before + 100, "100 answers after a user_service replica died")
                 served_by_victim = requests_answered(ports[0])
@@ -517,11 +546,15 @@ def test_replicas_behind_one_target_lose_no_request_when_one_of_each_is_killed(s
         served_by_survivor = requests_answered(ports[1])
         print(
             f"answered: {sum(ok)} (clients {ok}); gateway 0 {served_by_victim:.0f} before its kill, "
-            f"gateway 1 {served_by_survivor:.0f}; the killed user_service replica {encoded_by_victim:.0f}"
+            f"gateway 1 {served_by_survivor:.0f}; the killed user_service replica {encoded_by_victim:.0f}; "
+            f"readiness probes across its kill {probes}"
         )
         assert failures == []
         assert served_by_victim > 0 and served_by_survivor > 0 and encoded_by_victim > 0
         assert all(n > 0 for n in ok)
+        assert probes["failed"] == 0, probes
+        for g in gws:  # never NOT_SERVING once SERVING: one user_service replica is enough
+            assert "NOT_SERVING" not in g.log(), g.log()
 
 
 # A plain grpc channel with the same options as the client library's, for callers that do not use it.
