@@ -243,7 +243,15 @@ def _status(client: TwoTowerClient, args: argparse.Namespace, tls: ClientTLS | N
 
 def _fields(message) -> list[tuple[str, object]]:
     """Set fields as (name, value); a list of messages (e.g. background tasks) on one line each."""
-    return [(f.name, _compact(value)) for f, value in message.ListFields()]
+    return [(f.name, _enum_name(f, value)) for f, value in message.ListFields()]
+
+
+def _enum_name(field, value: object) -> object:
+    """An enum's name (dtype=DTYPE_BFLOAT16), not its number; anything else compacted."""
+    if field.enum_type is not None and isinstance(value, int):
+        known = field.enum_type.values_by_number.get(value)
+        return known.name if known is not None else value
+    return _compact(value)
 
 
 def _compact(value: object) -> object:

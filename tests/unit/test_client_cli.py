@@ -137,3 +137,17 @@ def test_status_fields_print_a_list_of_messages_on_one_line():
         "ready=True corpus_size=3 background_tasks=[(name=corpus-follower running=True), "
         "(name=readiness failures=2 last_error=MemoryError: x)]"
     )
+
+
+def test_status_fields_name_enums_and_keep_lists_on_one_line():
+    from twotower.v1 import common_pb2, retrieval_gateway_pb2
+    from twotower_cli.cli import _fields
+
+    status = retrieval_gateway_pb2.GatewayStatus(ready=True, dtype=common_pb2.DTYPE_BFLOAT16, role="router")
+    status.background_tasks.add(name="shard-status", running=True)
+    assert dict(_fields(status)) == {
+        "ready": True,
+        "dtype": "DTYPE_BFLOAT16",
+        "background_tasks": "[(name=shard-status running=True)]",
+        "role": "router",
+    }
