@@ -7,6 +7,7 @@ work is vectorised over every user of a forward pass instead of being paid per r
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from shared.model.checkpoint import LoadedModel, load_checkpoint
 from shared.model.config import TowerConfig
 from shared.model.features import UserContext, featurize_users
 from shared.model.towers import TwoTowerModel
+from user_service.compiled_tower import CompiledUserTower
 from user_service.cuda_graphs import GraphedUserTower
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ class UserEncoder:
 
     def __init__(
         self, model: TwoTowerModel, fingerprint: str, device: torch.device, dtype: torch.dtype,
-        max_history_events: int, cuda_graph_max_batch: int = 0,
+        max_history_events: int, cuda_graph_max_batch: int = 0, compile_tower: bool = False,
     ) -> None:  # fmt: skip
         self.config: TowerConfig = model.config
         self.identity = ModelIdentity(fingerprint, model.config.emb_dim)
@@ -52,19 +54,27 @@ class UserEncoder:
             else None
         )
         self.cuda_graphs = False  # True once captured
+        # cpu only: torch.compile'd tower (compiled by warm_up); None = eager
+        self._compile = compile_tower and device.type == "cpu"
+        self._compiled: CompiledUserTower | None = None
 
     @classmethod
     def from_loaded(
         cls, loaded: LoadedModel, device: torch.device, dtype: torch.dtype, max_history_events: int,
-        cuda_graph_max_batch: int = 0,
+        cuda_graph_max_batch: int = 0, compile_tower: bool = False,
     ) -> UserEncoder:  # fmt: skip
-        return cls(loaded.model, loaded.fingerprint, device, dtype, max_history_events, cuda_graph_max_batch)
+        return cls(
+            loaded.model, loaded.fingerprint, device, dtype, max_history_events, cuda_graph_max_batch,
+            compile_tower,
+        )  # fmt: skip
 
     def encode(self, contexts: Sequence[UserContext]) -> torch.Tensor:
         """B validated contexts -> [B, D] unit-norm embeddings on the cpu, in `self.dtype`."""
         features = featurize_users(contexts, self.config, self.max_history_events).to(self.device)
         with torch.inference_mode():
             out = self._graphed.encode_users(features) if self.cuda_graphs else None
+            if out is None and self._compiled is not None:
+                out = self._compiled.encode_users(features)
             if out is None:
                 out = self._model.encode_users(features)  # [B, D]
         return out.cpu()
@@ -94,9 +104,26 @@ class UserEncoder:
                 return
             self.cuda_graphs = True
             for b in batch_sizes:  # the graphs must give what the eager tower gives
-                self._check_graph_matches_eager(b)
+                self._check_fast_path_matches_eager(b)
+        if self._compile and self._compiled is None:
+            self._compile_tower(batch_sizes)
 
-    def _check_graph_matches_eager(self, b: int) -> None:
+    def _compile_tower(self, batch_sizes: Sequence[int]) -> None:
+        """Compile for a first batch size and then a second (which makes the batch dimension dynamic),
+        and check the result against eager; any failure leaves the eager tower serving."""
+        t0 = time.perf_counter()
+        try:
+            self._compiled = CompiledUserTower(self._model)
+            for b in sorted({1, 2, *batch_sizes}):
+                self._check_fast_path_matches_eager(b)
+        except Exception:  # no C++ compiler, an op inductor cannot handle: eager still serves
+            logger.exception("compiling the user tower failed; running it eagerly")
+            self._compiled = None
+            return
+        if self._compiled is not None:
+            logger.info("user tower compiled in %.1f s", time.perf_counter() - t0)
+
+    def _check_fast_path_matches_eager(self, b: int) -> None:
         s, a = self.config.history_len, self.config.num_actions
         rng = np.random.default_rng(b)
         contexts = [
@@ -109,25 +136,27 @@ class UserEncoder:
             )
             for i in range(b)
         ]
-        graphed = self.encode(contexts).float()
+        fast = self.encode(contexts).float()  # CUDA graphs or the compiled tower
         features = featurize_users(contexts, self.config, self.max_history_events).to(self.device)
         with torch.inference_mode():
             eager = self._model.encode_users(features).float().cpu()
-        err = (graphed - eager).abs().max().item()
+        err = (fast - eager).abs().max().item()
         if err > 1e-2:
-            self.cuda_graphs = False
-            logger.error("CUDA-graph user tower differs from eager by %.3g at B=%d; running eagerly", err, b)
+            self.cuda_graphs, self._compiled = False, None
+            logger.error("the fast user tower differs from eager by %.3g at B=%d; running eagerly", err, b)
 
 
 def load_encoder(
-    checkpoint: str, device: str, dtype: str, max_history_events: int, cuda_graph_max_batch: int = 0
-) -> UserEncoder:
+    checkpoint: str, device: str, dtype: str, max_history_events: int, cuda_graph_max_batch: int = 0,
+    compile_tower: bool = False,
+) -> UserEncoder:  # fmt: skip
     """Load and verify the checkpoint and move it to the device (blocking: call off the event loop).
-    cuda_graph_max_batch > 0: on cuda, batches up to that size replay CUDA graphs (captured at warm-up)."""
+    cuda_graph_max_batch > 0: on cuda, batches up to that size replay CUDA graphs (captured at warm-up).
+    compile_tower: on cpu, torch.compile the tower (compiled at warm-up)."""
     loaded = load_checkpoint(checkpoint)
     target = resolve_device(device)
     encoder = UserEncoder.from_loaded(
-        loaded, target, TORCH_DTYPES[dtype], max_history_events, cuda_graph_max_batch
+        loaded, target, TORCH_DTYPES[dtype], max_history_events, cuda_graph_max_batch, compile_tower
     )
     logger.info(
         "loaded checkpoint %s (fingerprint %s, D=%d, S=%d) on %s as %s",

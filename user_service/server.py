@@ -30,7 +30,7 @@ EncoderFactory = Callable[[UserServiceConfig], UserEncoder]
 def default_encoder_factory(config: UserServiceConfig) -> UserEncoder:
     return load_encoder(
         str(config.checkpoint), config.device, config.dtype, config.max_history_events,
-        config.max_batch_size if config.cuda_graphs else 0,
+        config.max_batch_size if config.cuda_graphs else 0, config.compile_user_tower,
     )  # fmt: skip
 
 

@@ -310,3 +310,51 @@ def test_cuda_graph_option_is_ignored_on_cpu(tiny_checkpoint, tiny_model):
     assert not cpu.cuda_graphs
     users = [_user(1), _user(2, n=12)]
     torch.testing.assert_close(cpu.encode(users), _reference(tiny_model, users), atol=1e-5, rtol=1e-5)
+
+
+class _FakeCompiled:
+    """Stands in for torch.compile (seconds per shape): the eager tower, or a wrong or failing one."""
+
+    calls = 0
+
+    def __init__(self, model, mode="eager"):
+        self.model, self.mode = model, mode
+
+    def encode_users(self, features):
+        type(self).calls += 1
+        if self.mode == "raise":
+            raise RuntimeError("no C++ compiler")
+        out = self.model.encode_users(features)
+        return out + 1.0 if self.mode == "wrong" else out
+
+
+@pytest.mark.parametrize("mode", ["eager", "wrong", "raise"])
+def test_compiled_tower_serves_only_when_it_matches_eager(tiny_checkpoint, tiny_model, monkeypatch, mode):
+    from user_service import encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module, "CompiledUserTower", lambda model: _FakeCompiled(model, mode))
+    _FakeCompiled.calls = 0
+    loaded = load_checkpoint(tiny_checkpoint)
+    cpu = UserEncoder.from_loaded(loaded, torch.device("cpu"), torch.float32, 1024, compile_tower=True)
+    cpu.warm_up([1, 8])  # compiles and checks B = 1, 2, 8 against eager
+    assert (cpu._compiled is not None) == (mode == "eager")
+    before = _FakeCompiled.calls
+    users = [_user(1), _user(2, n=12)]
+    torch.testing.assert_close(cpu.encode(users), _reference(tiny_model, users), atol=1e-5, rtol=1e-5)
+    assert (_FakeCompiled.calls > before) == (mode == "eager")  # requests go through it only if it matched
+
+
+def test_compile_is_off_by_default(tiny_checkpoint):
+    loaded = load_checkpoint(tiny_checkpoint)
+    assert UserEncoder.from_loaded(loaded, torch.device("cpu"), torch.float32, 1024)._compile is False
+
+
+@pytest.mark.slow
+def test_real_torch_compile_matches_eager(tiny_checkpoint, tiny_model):
+    loaded = load_checkpoint(tiny_checkpoint)
+    cpu = UserEncoder.from_loaded(loaded, torch.device("cpu"), torch.float32, 1024, compile_tower=True)
+    cpu.warm_up([1])
+    assert cpu._compiled is not None
+    for b in (1, 3, 5):
+        users = [_user(i + 1, n=1 + 3 * i) for i in range(b)]
+        torch.testing.assert_close(cpu.encode(users), _reference(tiny_model, users), atol=1e-5, rtol=1e-5)
