@@ -74,7 +74,11 @@ class UserEncoder:
         with torch.inference_mode():
             out = self._graphed.encode_users(features) if self.cuda_graphs else None
             if out is None and self._compiled is not None:
-                out = self._compiled.encode_users(features)
+                try:
+                    out = self._compiled.encode_users(features)
+                except Exception:  # a shape it failed to recompile for: eager from now on, this batch too
+                    logger.exception("the compiled user tower failed; running it eagerly from now on")
+                    self._compiled = None
             if out is None:
                 out = self._model.encode_users(features)  # [B, D]
         return out.cpu()

@@ -358,3 +358,16 @@ def test_real_torch_compile_matches_eager(tiny_checkpoint, tiny_model):
     for b in (1, 3, 5):
         users = [_user(i + 1, n=1 + 3 * i) for i in range(b)]
         torch.testing.assert_close(cpu.encode(users), _reference(tiny_model, users), atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_tower_failing_while_serving_falls_back_to_eager(tiny_checkpoint, tiny_model, monkeypatch):
+    from user_service import encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module, "CompiledUserTower", lambda model: _FakeCompiled(model, "eager"))
+    loaded = load_checkpoint(tiny_checkpoint)
+    cpu = UserEncoder.from_loaded(loaded, torch.device("cpu"), torch.float32, 1024, compile_tower=True)
+    cpu.warm_up([1])
+    cpu._compiled.mode = "raise"  # e.g. a recompile for a new batch size fails
+    users = [_user(1), _user(2, n=12), _user(3)]
+    torch.testing.assert_close(cpu.encode(users), _reference(tiny_model, users), atol=1e-5, rtol=1e-5)
+    assert cpu._compiled is None
