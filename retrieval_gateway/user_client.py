@@ -10,7 +10,7 @@ import grpc
 import torch
 
 from shared import codec
-from shared.channels import balanced_options
+from shared.channels import RECONNECT_OPTIONS, balanced_options
 from shared.convert import user_batch_to_proto
 from shared.errors import DeadlineExpired, InvalidInput, ModelMismatch, NotReady, Overloaded
 from shared.health import is_serving
@@ -22,10 +22,6 @@ logger = logging.getLogger(__name__)
 
 _SERVICE = user_tower_pb2.DESCRIPTOR.services_by_name["UserTower"].full_name
 _EMBEDDING_DTYPES = (common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_BFLOAT16)
-# grpc's reconnect backoff grows to 120 s by default; a restarted user_service should be used again
-# within a second or two, since every Retrieve needs it.
-_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-              ("grpc.max_reconnect_backoff_ms", 2000)]  # fmt: skip
 
 
 class UserServiceClient:
@@ -36,7 +32,8 @@ class UserServiceClient:
         # `address` is a gRPC target: several replicas share the calls (round_robin, health-checked),
         # and an EncodeUsers caught by a replica's death is sent again to another (shared/channels.py).
         balanced = balanced_options(_SERVICE, ["EncodeUsers", "GetModels"])
-        self._channel = aio_channel(address, [*channel_options, *_RECONNECT, *balanced], tls)
+        # a restarted user_service is used again within 2 s (every Retrieve needs it), not gRPC's 120 s
+        self._channel = aio_channel(address, [*channel_options, *RECONNECT_OPTIONS, *balanced], tls)
         self._stub = user_tower_pb2_grpc.UserTowerStub(self._channel)
         self.reachable = False  # last known: user_service answered (health SERVING or a good call)
 
