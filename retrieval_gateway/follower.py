@@ -57,8 +57,7 @@ class SnapshotAssembler:
         # joined once complete (a shard's peak is twice its own share, never the whole corpus).
         self.shard = shard if shard is not None and shard.count > 1 else None
         kept = 0 if self.shard is not None else self.total
-        self.filled = 0  # rows received
-        self.kept = 0  # rows stored
+        self.filled = 0  # rows received (a shard stores only its own)
         self.next_chunk = 0
         self.post_ids = np.zeros(kept, np.int64)
         self.author_ids = np.zeros(kept, np.int64)
@@ -100,7 +99,6 @@ class SnapshotAssembler:
             self.post_ids[sl], self.author_ids[sl], self.embeddings[sl] = posts, authors, emb.to(self.dtype)
         self._attributes.extend(dict(a.attributes) if a.attributes else None for a in attributes)
         self.filled += n
-        self.kept += len(posts)
         self.next_chunk += 1
         if self.next_chunk == h.num_chunks:
             if self.filled != self.total:
