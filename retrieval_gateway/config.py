@@ -86,6 +86,13 @@ class GatewayConfig:
         default=False,
         metadata=setting("CPU: compile a fused kernel for single queries (needs a C++ compiler)"),
     )
+    torch_threads: int | None = field(
+        default=None,
+        metadata=setting(
+            "CPU: most intra-op threads of one scoring batch, which uses as many as its size pays for "
+            "(shared/threads.py); not given: the CPUs this process may use"
+        ),
+    )
     max_k: int = field(default=DEFAULT_MAX_K, metadata=setting("largest k accepted"))
     max_exclusions: int = field(
         default=DEFAULT_MAX_EXCLUSIONS, metadata=setting("ids per exclusion list (posts, authors)")
@@ -170,6 +177,8 @@ class GatewayConfig:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
         if self.max_score_elements is not None and self.max_score_elements <= 0:
             raise ValueError(f"max_score_elements must be > 0, got {self.max_score_elements}")
         positive = ("max_k", "max_batch_size", "max_queue", "max_corpus_items",

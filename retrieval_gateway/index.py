@@ -31,6 +31,7 @@ import torch
 from retrieval_gateway.topk import exact_topk
 from shared.corpus_rows import AttributeColumn, CorpusGap, CorpusRows, Delta
 from shared.errors import ModelMismatch, NotReady
+from shared.threads import INTRA_OP
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +206,8 @@ class CorpusIndex:
                 return results
             batch = [queries[i] for i in todo]
             emb = torch.stack([q.embedding for q in batch]).to(self.device, torch.float32)  # [B, D]
+            if self.device.type == "cpu":  # threads for the product [B, D] @ [D, N] (shared/threads.py)
+                INTRA_OP.use_for(len(batch) * rows.used * rows.dim)
             scores, top = exact_topk(
                 emb,
                 c.matrix[: rows.used],

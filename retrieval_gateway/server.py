@@ -12,6 +12,7 @@ from retrieval_gateway.gateway import Gateway
 from retrieval_gateway.servicer import RetrievalGatewayServicer, ShardScorerServicer
 from shared.server.bootstrap import create_grpc_server, graceful_stop
 from shared.server.lifecycle import run_until_signal
+from shared.threads import INTRA_OP
 from twotower.v1 import retrieval_gateway_pb2, retrieval_gateway_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def create_server(config: GatewayConfig) -> tuple[grpc.aio.Server, int, GatewayS
 
 async def serve(config: GatewayConfig) -> None:
     """Run until SIGTERM/SIGINT."""
+    INTRA_OP.configure(config.torch_threads)
     _server, port, app = create_server(config)
     logger.info(
         "retrieval_gateway: device %s, %s; user_service %s, candidate_service %s",

@@ -56,7 +56,11 @@ class UserServiceConfig:
         metadata=setting("events accepted per user (only the last S reach the model); more is rejected"),
     )
     torch_threads: int | None = field(
-        default=None, metadata=setting("torch intra-op threads; not given: torch's choice")
+        default=None,
+        metadata=setting(
+            "most intra-op threads of one batch, which uses as many as its size pays for "
+            "(shared/threads.py); not given: the CPUs this process may use"
+        ),
     )
     # cuda only: the user tower replays CUDA graphs captured per batch-size bucket (launch overhead of
     # a few hundred small kernels gone at small batches); ignored on cpu.

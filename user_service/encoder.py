@@ -20,6 +20,7 @@ from shared.model.checkpoint import LoadedModel, load_checkpoint
 from shared.model.config import TowerConfig
 from shared.model.features import UserContext, featurize_users
 from shared.model.towers import TwoTowerModel
+from shared.threads import INTRA_OP
 from user_service.compiled_tower import CompiledUserTower
 from user_service.cuda_graphs import GraphedUserTower
 
@@ -71,6 +72,10 @@ class UserEncoder:
     def encode(self, contexts: Sequence[UserContext]) -> torch.Tensor:
         """B validated contexts -> [B, D] unit-norm embeddings on the cpu, in `self.dtype`."""
         features = featurize_users(contexts, self.config, self.max_history_events).to(self.device)
+        if self.device.type == "cpu":  # threads for the largest matmul: tokens x D x FFN width
+            cfg = self.config
+            tokens = len(contexts) * (1 + cfg.history_len)
+            INTRA_OP.use_for(tokens * cfg.emb_dim * max(cfg.emb_dim, cfg.ffn_dim))
         with torch.inference_mode():
             out = self._graphed.encode_users(features) if self.cuda_graphs else None
             if out is None and self._compiled is not None:

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import torch
 
 from shared.server.bootstrap import create_grpc_server, graceful_stop
 from shared.server.lifecycle import run_until_signal
+from shared.threads import INTRA_OP
 from twotower.v1 import user_tower_pb2, user_tower_pb2_grpc
 from user_service.config import UserServiceConfig
 from user_service.encoder import UserEncoder, load_encoder
@@ -95,7 +95,6 @@ def create_server(
 
 async def serve(config: UserServiceConfig) -> None:
     """Run until SIGTERM/SIGINT. Raises CheckpointError (after stopping) if the model cannot load."""
-    if config.torch_threads is not None:
-        torch.set_num_threads(config.torch_threads)
+    INTRA_OP.configure(config.torch_threads)
     _server, port, app = create_server(config)
     await run_until_signal("user_service", app, port, config.server, config.port_file, app.load())

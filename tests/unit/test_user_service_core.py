@@ -13,6 +13,7 @@ from shared.device import resolve_device
 from shared.errors import CheckpointError, DeadlineExpired, InvalidInput, NotReady, Overloaded
 from shared.model.checkpoint import load_checkpoint
 from shared.model.features import UserContext, featurize_users
+from shared.threads import INTRA_OP
 from user_service.__main__ import config_from_args, parse_args
 from user_service.config import UserServiceConfig
 from user_service.encoder import UserEncoder
@@ -111,6 +112,21 @@ def test_bf16_encoder_returns_bf16_close_to_fp32(tiny_checkpoint, tiny_model):
     got = bf16.encode([_user(5)])
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), _reference(tiny_model, [_user(5)]), atol=3e-2, rtol=0)
+
+
+def test_a_small_batch_runs_the_tower_on_one_thread(tiny_checkpoint, tiny_model, monkeypatch):
+    """shared/threads.py: the batch's largest matmul decides; one user's is far below a thread's work."""
+    loaded = load_checkpoint(tiny_checkpoint)
+    cpu = UserEncoder.from_loaded(loaded, torch.device("cpu"), torch.float32, 1024)
+    asked: list[int] = []
+    monkeypatch.setattr(INTRA_OP, "limit", 4)
+    monkeypatch.setattr(INTRA_OP, "use_for", lambda work: asked.append(INTRA_OP.threads_for(work)))
+    cfg = tiny_model.config
+    monkeypatch.setattr("shared.threads.WORK_PER_THREAD", (1 + cfg.history_len) * cfg.emb_dim * cfg.ffn_dim)
+    cpu.encode([_user(1)])
+    cpu.encode([_user(i) for i in range(1, 4)])  # three users: three threads' worth
+    cpu.encode([_user(i) for i in range(1, 9)])  # eight: capped at the limit
+    assert asked == [1, 3, 4]
 
 
 def test_warm_up_runs_each_batch_size(encoder):
