@@ -80,14 +80,16 @@ run-stack: setup $(ARTIFACTS)/metrics.json
 # the long versions. Results (JSON, report.md, PNG plots) go to results/ (gitignored).
 BENCH_MODE := $(if $(FULL),,--quick)
 BENCH_STAMP := $(VENV)/.installed-bench
-.PHONY: bench bench-candidate bench-user bench-index bench-e2e bench-report
+.PHONY: bench bench-candidate bench-user bench-index bench-e2e bench-grpc-floor bench-report
 
 $(BENCH_STAMP): pyproject.toml constraints.txt | $(SETUP_STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,parquet,bench]"
 	touch $@
 
-bench: bench-candidate bench-user bench-index bench-e2e
+bench: bench-grpc-floor bench-candidate bench-user bench-index bench-e2e
 	$(PY) bench/report.py
+bench-grpc-floor: setup $(BENCH_STAMP)
+	$(PY) bench/grpc_floor.py
 bench-candidate: setup $(BENCH_STAMP)
 	$(PY) bench/candidate_bench.py $(BENCH_MODE)
 bench-user: setup $(BENCH_STAMP)

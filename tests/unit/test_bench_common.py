@@ -95,3 +95,15 @@ def test_targets_met_and_missed():
 def test_write_json(tmp_path):
     path = write_json(tmp_path / "sub" / "x.json", {"a": 1})
     assert json.loads(path.read_text())["a"] == 1
+
+
+def test_grpc_floor_measures_each_case(tmp_path):
+    from bench import grpc_floor
+
+    out = tmp_path / "floor.json"
+    assert grpc_floor.main(["--calls", "20", "--out", str(out)]) == 0
+    cases = json.loads(out.read_text())["cases"]
+    assert [c["case"] for c in cases] == [
+        "client -> echo", "client -> relay -> echo", "client -> relay (+ thread hand-off) -> echo",
+    ]  # fmt: skip
+    assert all(c["p50_ms"] > 0 and c["server_cpu_ms_per_call"] >= 0 for c in cases)
