@@ -90,7 +90,8 @@ class GatewayConfig:
         default=None,
         metadata=setting(
             "CPU: most intra-op threads of one scoring batch, which uses as many as its size pays for "
-            "(shared/threads.py); not given: the CPUs this process may use"
+            "(shared/threads.py); not given: torch's count (OMP_NUM_THREADS or the cores), within the "
+            "CPU quota"
         ),
     )
     max_k: int = field(default=DEFAULT_MAX_K, metadata=setting("largest k accepted"))

@@ -9,8 +9,9 @@ at c=64 one thread served 13% more calls; a scan of 1M x 128 rows, on the other 
 faster on two threads. So each batch asks for the threads its largest op pays for: one per
 WORK_PER_THREAD multiply-adds, at least one, at most the limit.
 
-The limit (`--torch-threads`) defaults to the CPUs this process may use: its affinity mask, and the
-cgroup's CPU quota where one is set (a Kubernetes CPU limit), which torch itself does not read.
+The limit (`--torch-threads`) defaults to torch's own thread count (the cores, or OMP_NUM_THREADS when
+set) capped by the CPUs this process may use: its affinity mask, and the cgroup's CPU quota where one
+is set (a Kubernetes CPU limit), which torch itself does not read.
 
 `torch.set_num_threads` set from a worker thread applies to that thread's later ops (OpenMP and MKL
 keep the count per thread), costs under a microsecond, and is only called when the count changes.
@@ -44,18 +45,23 @@ def usable_cpus(cpu_max: Path = _CGROUP_CPU_MAX) -> int:
     return max(1, cpus)
 
 
+def default_limit() -> int:
+    """torch's thread count (OMP_NUM_THREADS if set, else the cores), at most usable_cpus()."""
+    return max(1, min(torch.get_num_threads(), usable_cpus()))
+
+
 class IntraOpThreads:
     """The process's policy: `configure` once at start-up, `use_for(work)` before each batch, in the
     thread that computes it."""
 
     def __init__(self, limit: int | None = None) -> None:
-        self.limit = limit or usable_cpus()
+        self.limit = limit or default_limit()
 
     def configure(self, limit: int | None) -> None:
-        """limit: most threads one batch may use (None: usable_cpus())."""
+        """limit: most threads one batch may use (None: default_limit())."""
         if limit is not None and limit < 1:
             raise ValueError(f"torch threads must be >= 1, got {limit}")
-        self.limit = limit or usable_cpus()
+        self.limit = limit or default_limit()
 
     def threads_for(self, work: int) -> int:
         """Threads for an op of `work` multiply-adds."""

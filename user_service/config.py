@@ -59,7 +59,8 @@ class UserServiceConfig:
         default=None,
         metadata=setting(
             "most intra-op threads of one batch, which uses as many as its size pays for "
-            "(shared/threads.py); not given: the CPUs this process may use"
+            "(shared/threads.py); not given: torch's count (OMP_NUM_THREADS or the cores), within the "
+            "CPU quota"
         ),
     )
     # cuda only: the user tower replays CUDA graphs captured per batch-size bucket (launch overhead of
