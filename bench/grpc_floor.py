@@ -1,7 +1,7 @@
 """What gRPC alone costs on this machine: the floor under every latency figure of the stack.
 
-Three trivial grpc.aio servers run as separate processes on loopback, answering bytes with the same
-bytes (no proto, no compute): `echo`, and `relay`, which forwards each call to echo before it answers,
+Trivial grpc.aio servers run as separate processes on loopback, answering bytes with the same bytes
+(no proto, no compute): `echo`, and `relay`, which forwards each call to echo before it answers,
 optionally through a thread-pool hand-off as the services make for their compute. A client in this
 process calls them one at a time (c=1) and reports p50 latency and the servers' CPU per call.
 
