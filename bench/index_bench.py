@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from retrieval_gateway.index import CorpusIndex, Query  # noqa: E402
 from retrieval_gateway.topk import DEVICE_MAX_SCORE_ELEMENTS, _exact_topk, exact_topk  # noqa: E402
+from shared.threads import INTRA_OP  # noqa: E402
 
 FP = "bench"
 
@@ -103,6 +104,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    INTRA_OP.configure(threads)  # index.search sizes its threads per batch, up to the same limit
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(1)
     queries = torch.nn.functional.normalize(torch.randn(max(args.batches), args.dim, generator=gen), dim=1)
