@@ -89,6 +89,16 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
+def metric_delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def mean_ms(after: dict[str, float], before: dict[str, float], name: str, labels: str = "") -> float | None:
+    """Mean of a Prometheus histogram over an interval (two scrapes), in ms; None if nothing observed."""
+    count = metric_delta(after, before, f"{name}_count{labels}")
+    return metric_delta(after, before, f"{name}_sum{labels}") / count * 1e3 if count else None
+
+
 def rss_bytes(pid: int) -> int | None:
     """Resident set size of a live process, from /proc/<pid>/status (None once it is gone)."""
     try:

@@ -40,6 +40,7 @@ from bench.common import (  # noqa: E402
     ServiceProcess,
     cpu_seconds,
     machine_info,
+    mean_ms,
     wait_serving,
     write_json,
 )
@@ -53,31 +54,22 @@ CALL_TIMEOUT_S = 30.0
 RSS_FLAT_PCT = 10.0  # growth over the measured levels beyond this is reported as not flat
 
 
-def _delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
-    return after.get(key, 0.0) - before.get(key, 0.0)
-
-
-def _mean_ms(after: dict, before: dict, name: str, labels: str = "") -> float | None:
-    count = _delta(after, before, f"{name}_count{labels}")
-    return _delta(after, before, f"{name}_sum{labels}") / count * 1e3 if count else None
-
-
 def breakdown(gw: tuple[dict, dict], us: tuple[dict, dict], client_mean_ms: float) -> dict[str, float | None]:
     """Mean ms per request by stage, from the services' own histograms (deltas over one level)."""
     (gb, ga), (ub, ua) = gw, us
     lat = "twotower_gateway_latency_seconds"
     out = {
         "client_mean_ms": client_mean_ms,
-        "gateway_total_ms": _mean_ms(ga, gb, lat, '{stage="total"}'),
-        "gateway_user_call_ms": _mean_ms(ga, gb, lat, '{stage="user_encode"}'),
-        "gateway_scoring_ms": _mean_ms(ga, gb, lat, '{stage="scoring"}'),
-        "scoring_compute_ms": _mean_ms(ga, gb, "twotower_gateway_batch_compute_seconds"),
-        "user_compute_ms": _mean_ms(ua, ub, "twotower_user_compute_seconds"),
-        "user_queue_wait_ms": _mean_ms(ua, ub, "twotower_user_queue_wait_seconds"),
-        "gateway_batch_mean": _mean_ms(ga, gb, "twotower_gateway_batch_size"),
-        "user_batch_mean": _mean_ms(ua, ub, "twotower_user_batch_size"),
+        "gateway_total_ms": mean_ms(ga, gb, lat, '{stage="total"}'),
+        "gateway_user_call_ms": mean_ms(ga, gb, lat, '{stage="user_encode"}'),
+        "gateway_scoring_ms": mean_ms(ga, gb, lat, '{stage="scoring"}'),
+        "scoring_compute_ms": mean_ms(ga, gb, "twotower_gateway_batch_compute_seconds"),
+        "user_compute_ms": mean_ms(ua, ub, "twotower_user_compute_seconds"),
+        "user_queue_wait_ms": mean_ms(ua, ub, "twotower_user_queue_wait_seconds"),
+        "gateway_batch_mean": mean_ms(ga, gb, "twotower_gateway_batch_size"),
+        "user_batch_mean": mean_ms(ua, ub, "twotower_user_batch_size"),
     }
-    for key in ("gateway_batch_mean", "user_batch_mean"):  # _mean_ms scaled them by 1e3
+    for key in ("gateway_batch_mean", "user_batch_mean"):  # mean_ms scaled them by 1e3
         out[key] = None if out[key] is None else out[key] / 1e3
 
     def minus(a: float | None, *bs: float | None) -> float | None:

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import e2e_corpus
-from bench.common import ServiceProcess, machine_info, wait_serving, write_json
+from bench.common import ServiceProcess, machine_info, mean_ms, wait_serving, write_json
 from bench.e2e_bench import drive
 from retrieval_gateway.sharding import ShardHits, merge_hits
 from shared.progress import print_above, progress_over
@@ -51,6 +51,25 @@ def merge_timing(shards: int, k: int, reps: int = 200) -> dict[str, float]:
         "p50_ms": float(np.median(times) * 1e3),
         "min_ms": float(min(times) * 1e3),
     }
+
+
+def stages(scrapes: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, float | None]:
+    """Where a request's time went, from the services' own histograms (before, after one level): the
+    gateway's (or router's) stages, then, for a router, each shard's ScoreShard handling (decode, scan,
+    encode). A router's "batch" (its fan-out) minus a shard's "ScoreShard" is the hop: gRPC both ways.
+    "scoring" is "batch" plus the wait for a batch to form."""
+    lat = "twotower_gateway_latency_seconds"
+    (gb, ga), shards = scrapes[0], scrapes[1:]
+    out = {
+        "total": mean_ms(ga, gb, lat, '{stage="total"}'),
+        "user_encode": mean_ms(ga, gb, lat, '{stage="user_encode"}'),
+        "scoring": mean_ms(ga, gb, lat, '{stage="scoring"}'),
+        "batch": mean_ms(ga, gb, "twotower_gateway_batch_compute_seconds"),  # a router's: the fan-out
+    }
+    method = '{method="/twotower.v1.ShardScorer/ScoreShard"}'
+    for i, (sb, sa) in enumerate(shards):
+        out[f"shard{i}_ScoreShard"] = mean_ms(sa, sb, "twotower_rpc_seconds", method)
+    return {k: None if v is None else round(v, 3) for k, v in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,12 +128,19 @@ def main(argv: list[str] | None = None) -> int:
         for c in progress_over(args.concurrency, "shard_bench levels", unit="level"):
             row: dict[str, object] = {"concurrency": c}
             for name, gw in (("unsharded", single), (f"router S={args.shards}", router)):
+                watched = [gw, *shards] if gw is router else [gw]
+                before = [g.metrics() for g in watched]
                 summary = asyncio.run(drive(gw.address, payloads, c, args)).summary()
+                after = [g.metrics() for g in watched]
+                summary["stages_ms"] = stages(list(zip(before, after, strict=True)))
                 row[name] = summary
                 print_above(
                     f"  c={c:3d} {name:>12}: {summary['qps']:7.1f} QPS  p50 {summary['p50_ms']:7.2f}  "
                     f"p99 {summary['p99_ms']:7.2f} ms  errors {summary['errors'] or 'none'}"
                 )
+                print_above("                 mean ms: " + "  ".join(
+                    f"{k} {v:.2f}" for k, v in summary["stages_ms"].items() if v is not None
+                ))  # fmt: skip
             row["p50_added_ms"] = round(
                 row[f"router S={args.shards}"]["p50_ms"] - row["unsharded"]["p50_ms"],
                 3,  # type: ignore[index]
