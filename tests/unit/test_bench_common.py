@@ -107,3 +107,20 @@ def test_grpc_floor_measures_each_case(tmp_path):
         "client -> echo", "client -> relay -> echo", "client -> relay (+ thread hand-off) -> echo",
     ]  # fmt: skip
     assert all(c["p50_ms"] > 0 and c["server_cpu_ms_per_call"] >= 0 for c in cases)
+
+
+def test_shard_bench_stages_from_two_scrapes():
+    from bench.shard_bench import stages
+
+    lat = "twotower_gateway_latency_seconds"
+    rpc = 'twotower_rpc_seconds{method="/twotower.v1.ShardScorer/ScoreShard"}'
+    router_before = {f'{lat}_sum{{stage="total"}}': 1.0, f'{lat}_count{{stage="total"}}': 10.0}
+    batch = "twotower_gateway_batch_compute_seconds"
+    router_after = {
+        f'{lat}_sum{{stage="total"}}': 1.2, f'{lat}_count{{stage="total"}}': 20.0,  # 10 calls, 20 ms
+        f"{batch}_sum": 0.15, f"{batch}_count": 10.0,
+    }  # fmt: skip
+    shard_after = {rpc.replace("{", "_sum{", 1): 0.08, rpc.replace("{", "_count{", 1): 10.0}
+    got = stages([(router_before, router_after), ({}, shard_after)])
+    assert got["total"] == 20.0 and got["batch"] == 15.0 and got["shard0_ScoreShard"] == 8.0
+    assert got["user_encode"] is None  # nothing observed: no figure, not a zero
