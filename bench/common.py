@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from twotower_cli.stack import terminate
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results"
@@ -30,9 +31,19 @@ _METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 
 def free_port() -> int:
     """A port that was free a moment ago on 127.0.0.1 (for --metrics-port, which has no port file)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free a moment ago on 127.0.0.1 (all bound at once, so no two are the same)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def machine_info() -> dict[str, object]:
@@ -177,14 +188,8 @@ class ServiceProcess:
 
     def stop(self) -> None:
         """SIGTERM (graceful stop), then SIGKILL if it does not exit in time."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        if self.proc is not None:
+            terminate(self.proc, STOP_TIMEOUT_S)
 
 
 async def wait_serving(service: ServiceProcess, timeout: float = START_TIMEOUT_S) -> float:

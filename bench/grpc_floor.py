@@ -29,16 +29,10 @@ sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
 
-from bench.common import RESULTS, cpu_seconds, machine_info, write_json  # noqa: E402
+from bench.common import RESULTS, cpu_seconds, free_port, machine_info, write_json  # noqa: E402
 
 METHOD = "/floor.Echo/Call"
 PAYLOAD = b"x" * 2048  # about a Retrieve request with a 100-event history
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_listening(port: int, timeout_s: float = 30.0) -> None:
@@ -98,12 +92,12 @@ async def _measure(port: int, calls: int, pids: list[int]) -> dict[str, float]:
 
 
 def run_case(name: str, calls: int, relay: bool, hand_off: bool) -> dict:
-    echo_port = _free_port()
+    echo_port = free_port()
     ctx = mp.get_context("spawn")  # no fork of a process that has used gRPC
     procs = [ctx.Process(target=_serve, args=(echo_port, None, False), daemon=True)]
     ports = [echo_port]
     if relay:
-        ports.append(_free_port())
+        ports.append(free_port())
         procs.append(ctx.Process(target=_serve, args=(ports[1], echo_port, hand_off), daemon=True))
     port = ports[-1]  # the one the client calls
     for p in procs:

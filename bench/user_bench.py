@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+from bench.common import free_port  # noqa: E402
 from shared.health import wait_serving  # noqa: E402
 from shared.model.checkpoint import random_model, save_checkpoint  # noqa: E402
 from shared.model.config import TowerConfig  # noqa: E402
@@ -63,12 +63,6 @@ def make_requests(count: int, history: int, seed: int = 0) -> list[bytes]:
         out.append(user_tower_pb2.EncodeUsersRequest(users=[user]).SerializeToString())
         del i
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

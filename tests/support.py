@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.tls import ClientTLS, sync_channel
+from twotower_cli.stack import terminate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,11 +107,6 @@ class ServiceProcess:
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, wait, then SIGKILL; returns the exit code."""
-        self.signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait(5)
+        code = terminate(self.proc, timeout)
         self._log.close()
         return code

@@ -18,7 +18,6 @@ import contextlib
 import json
 import re
 import signal
-import socket
 import threading
 import time
 import urllib.request
@@ -32,6 +31,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.common import free_ports
 from retrieval_gateway.sharding import shard_of
 from retrieval_gateway.user_client import UserServiceClient
 from shared.channels import balanced_options
@@ -100,19 +100,6 @@ def one_torch_thread_per_service() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         yield
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports, so that every service of a stack can start at once, each told
-    the others' addresses (importing torch takes most of a start: in parallel, not one after another)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def at(port: int) -> str:

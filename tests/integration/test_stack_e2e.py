@@ -9,7 +9,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.common import free_ports
 from shared.client import HistoryEvent, TwoTowerClient
 from shared.health import serving_status as health
 from shared.model.checkpoint import load_checkpoint
@@ -130,17 +130,6 @@ def test_stack_end_to_end(tmp_path, tiny_checkpoint):
             assert "Traceback" not in svc.log(), svc.log()
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def test_run_stack_supervisor_starts_serves_and_stops(tmp_path, tiny_checkpoint):
     """What `make run-stack` runs, as the installed `twotower-stack` from outside the repository: all
     three up, every command it prints works as printed from yet another directory, Ctrl-C stops
@@ -151,7 +140,7 @@ def test_run_stack_supervisor_starts_serves_and_stops(tmp_path, tiny_checkpoint)
     write_items(artifacts / "items.jsonl", N)
     history = [{"post_id": 3, "actions": ["favorite"]}, {"post_id": 11, "actions": ["click"]}]
     (artifacts / "histories.jsonl").write_text(json.dumps({"user_id": 42, "history": history}) + "\n")
-    g, u, c = _free_ports(3)
+    g, u, c = free_ports(3)
     cwd, env = outside(tmp_path)
     proc = subprocess.Popen(
         [installed("twotower-stack"), "--artifacts", str(artifacts),

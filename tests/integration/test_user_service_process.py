@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import urllib.request
 
 import grpc
 import pytest
 
+from bench.common import free_port
 from shared import codec
 from tests.support import ServiceProcess, health_status
 from twotower.v1 import common_pb2, user_tower_pb2, user_tower_pb2_grpc
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serves_then_stops_gracefully_on_sigterm(tiny_checkpoint, tmp_path):
-    metrics_port = _free_port()
+    metrics_port = free_port()
     proc = ServiceProcess(
         "user_service",
         ["--checkpoint", str(tiny_checkpoint), "--max-batch-size", "8", "--torch-threads", "1",
