@@ -285,6 +285,16 @@ def _rollout(args: argparse.Namespace, tls: ClientTLS | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`twotower status | head -3`): not an error of ours. Point stdout at
+        # /dev/null so that Python's flush at exit does not raise again (the Python docs' recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         tls = client_tls_from_args(args)  # reads the files: a bad one is a one-line error

@@ -151,3 +151,22 @@ def test_status_fields_name_enums_and_keep_lists_on_one_line():
         "background_tasks": "[(name=shard-status running=True)]",
         "role": "router",
     }
+
+
+def test_a_closed_pipe_ends_the_cli_quietly():
+    """`twotower ... | head -1`: the reader is gone before the CLI prints; no traceback, exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read what the CLI writes
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", "import sys; from twotower_cli.cli import main; sys.exit(main())",
+             "--timeout", "0.5", "health", _dead_address()],
+            stdout=write_end, stderr=subprocess.PIPE, timeout=60, text=True,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.stderr == "" and done.returncode == 0
