@@ -129,7 +129,7 @@ class GatewayConfig:
             "EncodeUsers calls to user_service in flight at once, each carrying up to --max-batch-size users"
         ),
     )
-    # scores materialised at once (B x chunk); None = per device (topk.DEVICE_MAX_SCORE_ELEMENTS: 64 MiB
+    # scores materialised at once (B x chunk); None = per device (topk.DEVICE_MAX_SCORE_ELEMENTS: 16 MiB
     # on cpu, 1 GiB on cuda, where a loop of small chunks costs more than the memory)
     max_score_elements: int | None = None
     user_timeout_s: float = field(

@@ -10,17 +10,22 @@ split by chunk on the host before the loop, and an exact tie at a chunk's k-th p
 on the device; one check after the loop reruns the call with the tie resolution of the CPU path in
 the rare case that a flag is set. bf16/fp16 storage is scored by a GEMM in that dtype with fp32
 accumulation and fp32 output: no widened copy of the corpus is made per query.
+
+On CPU, a large corpus (`topk_cpu.scan_pays`) is scanned by `topk_cpu.cpu_scan`, which computes the
+same ranking with a cheaper gather; `topk_chunks` holds what both loops share.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-DEFAULT_MAX_SCORE_ELEMENTS = 1 << 24  # 64 MiB of fp32 scores per chunk (the cpu default)
+from retrieval_gateway.topk_chunks import ChunkMasks, chunk_topk, lex_top
+from retrieval_gateway.topk_cpu import cpu_scan, scan_pays
+
+DEFAULT_MAX_SCORE_ELEMENTS = 1 << 22  # 16 MiB of fp32 scores per chunk (the cpu default)
 # Per device when none is given: on cuda a chunk loop of many small top-ks costs far more than the
 # memory (B=32 over 10M rows: 20 chunks of 64 MiB took 13.6 ms on an H200, the whole product at once
 # 4.7 ms); 1 GiB of scores is a small part of any data-centre GPU.
@@ -67,6 +72,10 @@ def exact_topk(
     on_device = matrix.device.type != "cpu"
     if max_score_elements is None:
         max_score_elements = DEVICE_MAX_SCORE_ELEMENTS.get(matrix.device.type, DEFAULT_MAX_SCORE_ELEMENTS)
+    single_fused = fused_gemv and queries.shape[0] == 1
+    if not on_device and not single_fused and scan_pays(queries.shape[0], matrix.shape[0]):
+        upcast = upcast_rows or DEFAULT_UPCAST_ROWS["cpu"]
+        return cpu_scan(queries, matrix, k, masked_rows, exclude, tie_ids, max_score_elements, upcast)
     return _exact_topk(
         queries, matrix, k, masked_rows, exclude, tie_ids, max_score_elements, upcast_rows, fused_gemv,
         gemm=on_device and matrix.dtype in _REDUCED and _MM_OUT_DTYPE, defer_ties=on_device,
@@ -110,10 +119,11 @@ def _exact_topk(
     split = _split_query(q, matrix.dtype) if gemm and matrix.dtype in _REDUCED else None
     if split is not None and query_terms == 1:
         split = split[:batch]  # hi only
-    deleted = _ChunkMasks.of_rows(masked_rows, n, chunk, device)
-    excluded = _ChunkMasks.of_pairs(exclude, n, chunk, device)
+    starts = list(range(0, n, chunk))
+    deleted = ChunkMasks.of_rows(masked_rows, n, starts, device)
+    excluded = ChunkMasks.of_pairs(exclude, n, starts, device)
     tied = torch.zeros(batch, dtype=torch.bool, device=device) if defer_ties else None
-    for i, start in enumerate(range(0, n, chunk)):
+    for i, start in enumerate(starts):
         end = min(n, start + chunk)
         block = matrix[start:end]
         if fused:
@@ -124,9 +134,7 @@ def _exact_topk(
             scores = _scores(q, block, upcast)  # [B, c]
         deleted.fill(scores, i, start)
         excluded.fill(scores, i, start)
-        cs, cr, chunk_tied = _chunk_topk(
-            scores, min(kk, end - start), ties[start:end], resolve=not defer_ties
-        )
+        cs, cr, chunk_tied = chunk_topk(scores, min(kk, end - start), ties[start:end], resolve=not defer_ties)
         if tied is not None and chunk_tied is not None:
             tied |= chunk_tied
         if best_s.shape[1]:
@@ -143,62 +151,6 @@ def _exact_topk(
         )  # fmt: skip
     best_r = best_r.masked_fill(best_s == float("-inf"), -1)
     return best_s, best_r
-
-
-@dataclass(frozen=True)
-class _ChunkMasks:
-    """(query, row) cells to set to -inf, sorted by row and cut by chunk on the host, so that the
-    chunk loop slices them with host integers (no device read, no data-dependent shapes).
-
-    queries [P] (None: every query), rows [P], both on the matrix's device; bounds[i]:bounds[i+1]
-    are the entries of chunk i."""
-
-    queries: torch.Tensor | None
-    rows: torch.Tensor | None
-    bounds: list[int]
-
-    @classmethod
-    def of_rows(cls, rows: torch.Tensor | None, n: int, chunk: int, device: torch.device) -> _ChunkMasks:
-        if rows is None or rows.numel() == 0:
-            return cls(None, None, [])
-        sorted_rows = rows.cpu().flatten().sort().values
-        return cls(None, _upload(sorted_rows, device), _bounds(sorted_rows, n, chunk))
-
-    @classmethod
-    def of_pairs(
-        cls, pairs: tuple[torch.Tensor, torch.Tensor] | None, n: int, chunk: int, device: torch.device
-    ) -> _ChunkMasks:
-        if pairs is None or pairs[1].numel() == 0:
-            return cls(None, None, [])
-        qi, rows = pairs[0].cpu().flatten(), pairs[1].cpu().flatten()
-        sorted_rows, order = rows.sort()
-        return cls(_upload(qi[order], device), _upload(sorted_rows, device), _bounds(sorted_rows, n, chunk))
-
-    def fill(self, scores: torch.Tensor, chunk_index: int, start: int) -> None:
-        """Set this chunk's cells of scores [B, c] (contiguous, rows chunk-local) to -inf."""
-        if self.rows is None:
-            return
-        lo, hi = self.bounds[chunk_index], self.bounds[chunk_index + 1]
-        if lo == hi:
-            return
-        cols = self.rows[lo:hi] - start
-        if self.queries is None:  # deleted rows: every query
-            scores.index_fill_(1, cols, float("-inf"))
-        else:
-            scores.view(-1).index_fill_(0, self.queries[lo:hi] * scores.shape[1] + cols, float("-inf"))
-
-
-def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device` without waiting for the device: from pageable memory the copy is
-    staged before the call returns, so `host` may be dropped at once."""
-    return host.to(device, non_blocking=True)
-
-
-def _bounds(sorted_rows: torch.Tensor, n: int, chunk: int) -> list[int]:
-    """Index of the first entry of each chunk [start, start + chunk) in sorted_rows (host), then the
-    end of the last chunk; rows outside [0, n) fall in no chunk and are ignored."""
-    edges = torch.tensor([*range(0, n, chunk), n], dtype=sorted_rows.dtype)
-    return torch.searchsorted(sorted_rows, edges).tolist()
 
 
 _SHORT_BATCH = 4  # up to here, the product is computed as (rows @ qᵀ)ᵀ (see _product)
@@ -264,42 +216,6 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device.type == "cpu":
         return a.float() @ b.float()
     return torch.mm(a, b, out_dtype=torch.float32)
-
-
-def _chunk_topk(
-    scores: torch.Tensor, kc: int, ties: torch.Tensor, *, resolve: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Top-kc of each row of scores [B, c] by (score desc, tie asc); rows are chunk-local.
-
-    One place more than needed is selected: when the (kc+1)-th score equals the kc-th, the cut falls
-    inside a run of equal scores and torch.topk chose arbitrarily among them. resolve=True redoes such
-    a query with every tied row so the smallest tie ids win (reads the flags on the host). Returns
-    (scores [B, kc], rows [B, kc], tied [B] bool or None), tied flagging the queries cut in a tie;
-    with resolve=False the caller must handle them. Rare with real data, and the check costs nothing.
-    """
-    extra = min(kc + 1, scores.shape[1])
-    values, rows = torch.topk(scores, extra, dim=1, sorted=True)
-    kth = values[:, kc - 1 : kc]  # [B, 1]
-    if extra == kc:  # the whole chunk was taken: no cut, no tie
-        return values, rows, None
-    tied = (values[:, kc] == kth[:, 0]) & torch.isfinite(kth[:, 0])
-    values, rows = values[:, :kc], rows[:, :kc]
-    if resolve:
-        for b in tied.nonzero().flatten().tolist():
-            cand = (scores[b] >= kth[b]).nonzero().flatten()
-            s, r = lex_top(scores[b, cand][None], cand[None], ties[cand][None], kc)
-            values[b], rows[b] = s[0], r[0]
-    return values, rows, tied
-
-
-def lex_top(
-    scores: torch.Tensor, rows: torch.Tensor, ties: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first k of each row of [B, M] candidates ordered by (score desc, tie asc)."""
-    by_tie = torch.argsort(ties, dim=1, stable=True)
-    by_score = torch.argsort(scores.gather(1, by_tie), dim=1, descending=True, stable=True)
-    order = by_tie.gather(1, by_score)[:, :k]
-    return scores.gather(1, order), rows.gather(1, order)
 
 
 _FUSED: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None

@@ -21,10 +21,10 @@ logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 # What a seeded run executes: the two towers run the training package, the model and the gateway's
 # top-k; SASRec no model code and only part of the package (so a change elsewhere keeps its cache).
-TWO_TOWER_CODE = ("training/*.py", "shared/model/*.py", "retrieval_gateway/topk.py")
+TWO_TOWER_CODE = ("training/*.py", "shared/model/*.py", "retrieval_gateway/topk*.py")
 SASREC_CODE = (
     "training/sasrec.py", "training/windows.py", "training/dataset.py", "training/evaluate.py",
-    "shared/progress.py", "retrieval_gateway/topk.py",
+    "shared/progress.py", "retrieval_gateway/topk*.py",
 )  # fmt: skip
 
 

@@ -1,0 +1,102 @@
+"""The parts of exact_topk's chunk loops that both the device loop and the CPU scan use: masks cut by
+chunk on the host, a chunk's own top-k, and the merge by (score desc, tie asc). No grpc import."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ChunkMasks:
+    """(query, row) cells to set to -inf, sorted by row and cut by chunk on the host, so that the
+    chunk loop slices them with host integers (no device read, no data-dependent shapes).
+
+    queries [P] (None: every query), rows [P], both on the matrix's device; bounds[i]:bounds[i+1]
+    are the entries of chunk i."""
+
+    queries: torch.Tensor | None
+    rows: torch.Tensor | None
+    bounds: list[int]
+
+    @classmethod
+    def of_rows(
+        cls, rows: torch.Tensor | None, n: int, starts: list[int], device: torch.device
+    ) -> ChunkMasks:
+        if rows is None or rows.numel() == 0:
+            return cls(None, None, [])
+        sorted_rows = rows.cpu().flatten().sort().values
+        return cls(None, _upload(sorted_rows, device), _bounds(sorted_rows, n, starts))
+
+    @classmethod
+    def of_pairs(
+        cls, pairs: tuple[torch.Tensor, torch.Tensor] | None, n: int, starts: list[int], device: torch.device
+    ) -> ChunkMasks:
+        if pairs is None or pairs[1].numel() == 0:
+            return cls(None, None, [])
+        qi, rows = pairs[0].cpu().flatten(), pairs[1].cpu().flatten()
+        sorted_rows, order = rows.sort()
+        return cls(_upload(qi[order], device), _upload(sorted_rows, device), _bounds(sorted_rows, n, starts))
+
+    def fill(self, scores: torch.Tensor, chunk_index: int, start: int) -> None:
+        """Set this chunk's cells of scores [B, c] (any strides, rows chunk-local) to -inf."""
+        if self.rows is None:
+            return
+        lo, hi = self.bounds[chunk_index], self.bounds[chunk_index + 1]
+        if lo == hi:
+            return
+        cols = self.rows[lo:hi] - start
+        if self.queries is None:  # deleted rows: every query
+            scores.index_fill_(1, cols, float("-inf"))
+        else:
+            scores.index_put_((self.queries[lo:hi], cols), torch.tensor(float("-inf"), device=scores.device))
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device: from pageable memory the copy is
+    staged before the call returns, so `host` may be dropped at once."""
+    return host.to(device, non_blocking=True)
+
+
+def _bounds(sorted_rows: torch.Tensor, n: int, starts: list[int]) -> list[int]:
+    """Index of the first entry of each chunk (from its start, ascending) in sorted_rows (host), then
+    the end of the last chunk; rows outside [0, n) fall in no chunk and are ignored."""
+    edges = torch.tensor([*starts, n], dtype=sorted_rows.dtype)
+    return torch.searchsorted(sorted_rows, edges).tolist()
+
+
+def chunk_topk(
+    scores: torch.Tensor, kc: int, ties: torch.Tensor, *, resolve: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Top-kc of each row of scores [B, c] by (score desc, tie asc); rows are chunk-local.
+
+    One place more than needed is selected: when the (kc+1)-th score equals the kc-th, the cut falls
+    inside a run of equal scores and torch.topk chose arbitrarily among them. resolve=True redoes such
+    a query with every tied row so the smallest tie ids win (reads the flags on the host). Returns
+    (scores [B, kc], rows [B, kc], tied [B] bool or None), tied flagging the queries cut in a tie;
+    with resolve=False the caller must handle them. Rare with real data, and the check costs nothing.
+    """
+    extra = min(kc + 1, scores.shape[1])
+    values, rows = torch.topk(scores, extra, dim=1, sorted=True)
+    kth = values[:, kc - 1 : kc]  # [B, 1]
+    if extra == kc:  # the whole chunk was taken: no cut, no tie
+        return values, rows, None
+    tied = (values[:, kc] == kth[:, 0]) & torch.isfinite(kth[:, 0])
+    values, rows = values[:, :kc], rows[:, :kc]
+    if resolve:
+        for b in tied.nonzero().flatten().tolist():
+            cand = (scores[b] >= kth[b]).nonzero().flatten()
+            s, r = lex_top(scores[b, cand][None], cand[None], ties[cand][None], kc)
+            values[b], rows[b] = s[0], r[0]
+    return values, rows, tied
+
+
+def lex_top(
+    scores: torch.Tensor, rows: torch.Tensor, ties: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first k of each row of [B, M] candidates ordered by (score desc, tie asc)."""
+    by_tie = torch.argsort(ties, dim=1, stable=True)
+    by_score = torch.argsort(scores.gather(1, by_tie), dim=1, descending=True, stable=True)
+    order = by_tie.gather(1, by_score)[:, :k]
+    return scores.gather(1, order), rows.gather(1, order)

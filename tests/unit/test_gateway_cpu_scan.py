@@ -1,0 +1,118 @@
+"""The gathering CPU scan of exact_topk (large corpora on CPU) against the same brute force as
+test_gateway_topk, on small matrices with small chunks so that every tier runs: the first chunk's
+full top-k, the blocks whose best cell passes, the cells that pass, and the full top-k again where
+too many pass."""
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_gateway import topk, topk_cpu
+from retrieval_gateway.topk import exact_topk
+from retrieval_gateway.topk_cpu import cpu_scan, scan_pays
+from tests.unit.test_gateway_topk import check, reference, unit
+
+
+def scan(queries, matrix, k, *, masked=None, exclude=None, tie_ids=None, max_elements=1 << 22, upcast=32_768):
+    return cpu_scan(queries, matrix, k, masked, exclude, tie_ids, max_elements, upcast)
+
+
+@pytest.fixture
+def tiers(monkeypatch):
+    """How many chunks each tier answered."""
+    counts = {"blocks": 0, "cells": 0, "full": 0}
+
+    def spy(name, real):
+        def counted(*args):
+            got = real(*args)
+            counts[name] += got is not None
+            return got
+
+        return counted
+
+    monkeypatch.setattr(topk_cpu, "_passing_blocks", spy("blocks", topk_cpu._passing_blocks))
+    monkeypatch.setattr(topk_cpu, "_passing_cells", spy("cells", topk_cpu._passing_cells))
+    monkeypatch.setattr(topk_cpu, "_full_topk", spy("full", topk_cpu._full_topk))
+    return counts
+
+
+@pytest.mark.parametrize("batch", [1, 5, 9, 33])  # padded to 2; narrow; padded to 32; to 64 columns
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_matches_brute_force_with_masks_and_exclusions(batch, k, tiers):
+    rng = np.random.default_rng(batch * 100 + k)
+    n = 20_000
+    matrix, queries = unit(rng, n, 16), unit(rng, batch, 16)
+    valid = rng.random(n) > 0.1
+    exclude = (rng.integers(0, batch, 3000), rng.integers(0, n, 3000))
+    width = 2 if batch == 1 else batch if batch <= 8 else 32 * -(-batch // 32)
+    got = scan(
+        torch.from_numpy(queries), torch.from_numpy(matrix), k,
+        masked=torch.from_numpy(np.flatnonzero(~valid)[::-1].copy()),  # unsorted on purpose
+        exclude=tuple(torch.from_numpy(a) for a in exclude), max_elements=1024 * width,
+    )  # fmt: skip
+    check(got, reference(queries, matrix, k, valid, exclude))
+    assert tiers["full"] >= 1 and tiers["blocks"] >= 1, tiers  # the first chunk, then mostly blocks
+
+
+def test_cells_tier_when_blocks_pass_too_often(tiers):
+    # Chunk 2 after a first chunk of 1024 rows: k / 1024 of the cells pass, most 64-row blocks too.
+    rng = np.random.default_rng(7)
+    matrix, queries = unit(rng, 5000, 16), unit(rng, 3, 16)
+    got = scan(torch.from_numpy(queries), torch.from_numpy(matrix), 20, max_elements=1024 * 3)
+    check(got, reference(queries, matrix, 20))
+    assert tiers["cells"] >= 1, tiers
+
+
+def test_rising_scores_take_the_full_topk_and_stay_exact(tiers):
+    # Every chunk beats the last: whole chunks pass the floor, so each takes the full top-k.
+    n = 6000
+    matrix = np.zeros((n, 4), np.float32)
+    matrix[:, 0] = np.linspace(0.0, 1.0, n)
+    queries = np.array([[1.0, 0, 0, 0], [0.5, 0, 0, 0]], np.float32)
+    got = scan(torch.from_numpy(queries), torch.from_numpy(matrix), 30, max_elements=512 * 2)
+    check(got, reference(queries, matrix, 30))
+    assert tiers["blocks"] == tiers["cells"] == 0 and tiers["full"] >= 10, tiers
+
+
+@pytest.mark.parametrize("max_elements", [1 << 20, 64 * 2])
+def test_ties_rank_by_ascending_tie_id_across_chunks(max_elements):
+    rng = np.random.default_rng(1)
+    basis = np.eye(4, dtype=np.float32)[:3]
+    matrix = basis[rng.integers(0, 3, 3000)]  # 3 distinct rows: every floor is a tie
+    tie_ids = rng.permutation(100_000)[:3000].astype(np.int64) + 1
+    queries = np.array([[1.0, 0.5, 0.25, 0.0], [0.0, 0.0, 0.0, 1.0]], np.float32)  # 2nd: all 0
+    for k in (1, 13, 200):
+        got = scan(torch.from_numpy(queries), torch.from_numpy(matrix), k, tie_ids=torch.from_numpy(tie_ids),
+                   max_elements=max_elements)  # fmt: skip
+        check(got, reference(queries, matrix, k, tie_ids=tie_ids))
+
+
+def test_everything_masked_or_fewer_than_k_eligible():
+    rng = np.random.default_rng(3)
+    matrix, queries = unit(rng, 3000, 8), unit(rng, 2, 8)
+    valid = np.zeros(3000, bool)
+    valid[[5, 1500, 2999]] = True
+    masked = torch.from_numpy(np.flatnonzero(~valid))
+    got = scan(torch.from_numpy(queries), torch.from_numpy(matrix), 10, masked=masked, max_elements=256 * 2)
+    check(got, reference(queries, matrix, 10, valid))
+    scores, rows = scan(torch.from_numpy(queries), torch.from_numpy(matrix), 4, masked=torch.arange(3000))
+    assert (rows == -1).all() and torch.isneginf(scores).all()
+
+
+def test_bf16_storage_scores_in_fp32():
+    rng = np.random.default_rng(2)
+    matrix, queries = unit(rng, 8000, 32), unit(rng, 3, 32)
+    as_bf16 = torch.from_numpy(matrix).bfloat16()
+    got = scan(torch.from_numpy(queries), as_bf16, 20, max_elements=1024 * 3, upcast=300)
+    check(got, reference(queries, as_bf16.float().numpy(), 20))
+
+
+def test_exact_topk_takes_the_scan_for_large_corpora_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(topk, "cpu_scan", lambda *a: calls.append(a) or (torch.empty(0), torch.empty(0)))
+    assert not scan_pays(1, 1682) and not scan_pays(32, 50_000)
+    assert scan_pays(1, 1 << 22) and scan_pays(32, 1 << 17)
+    exact_topk(torch.zeros(1, 4), torch.zeros(1682, 4), 10)
+    assert not calls
+    exact_topk(torch.zeros(32, 4), torch.zeros(1 << 17, 4), 10)
+    assert len(calls) == 1
