@@ -73,7 +73,7 @@ def exact_topk(
     if max_score_elements is None:
         max_score_elements = DEVICE_MAX_SCORE_ELEMENTS.get(matrix.device.type, DEFAULT_MAX_SCORE_ELEMENTS)
     single_fused = fused_gemv and queries.shape[0] == 1
-    if not on_device and not single_fused and scan_pays(queries.shape[0], matrix.shape[0]):
+    if not on_device and not single_fused and scan_pays(matrix.shape[0]):
         upcast = upcast_rows or DEFAULT_UPCAST_ROWS["cpu"]
         return cpu_scan(queries, matrix, k, masked_rows, exclude, tie_ids, max_score_elements, upcast)
     return _exact_topk(

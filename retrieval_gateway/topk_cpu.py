@@ -4,24 +4,33 @@ the few cells that can still enter each query's top-k. No grpc import."""
 from __future__ import annotations
 
 import itertools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from threadpoolctl import ThreadpoolController
 
 from retrieval_gateway.topk_chunks import ChunkMasks, chunk_topk, lex_top
+
+# A single query's scores come from numpy's BLAS (see _product). OpenBLAS's own thread pool, next to
+# torch's OpenMP threads, made the scan 1.5x slower (both spin for the cores between calls): it
+# computes in the calling thread, and the process's parallelism stays torch's (shared/threads.py).
+ThreadpoolController().select(internal_api="openblas").limit(limits=1)
 
 _LOWEST = torch.finfo(torch.float32).min
 _BLOCK = 64  # rows per block of the CPU scan's gather filter
 # The CPU scan's buffer columns: up to _NARROW queries as they are, more padded to a multiple of
 # _WIDTH (torch's amax over rows is vectorised for 32 columns, ~15x slower for 16 or 24).
 _NARROW, _WIDTH = 8, 32
-# The gathering CPU scan pays from about 4M score cells (1M x 1, 250k x 32 rows x queries); below,
-# its extra chunks and ops cost more than they save (docs/decisions.md, "CPU scan").
-_SCAN_MIN_CELLS = 1 << 22
+# The gathering CPU scan pays from about 500k rows, whatever the batch; below, its extra chunks and
+# ops cost more than they save (docs/decisions.md, "CPU scan").
+_SCAN_MIN_ROWS = 400_000
 
 
-def scan_pays(batch: int, n: int) -> bool:
-    return n * max(batch, 4) >= _SCAN_MIN_CELLS
+def scan_pays(n: int) -> bool:
+    return n >= _SCAN_MIN_ROWS
 
 
 def cpu_scan(
@@ -44,36 +53,63 @@ def cpu_scan(
     few blocks that pass cost a fraction of it. Exact, ties included: a cell of the final top-k scores
     at least the final k-th best, hence at least every earlier one, so its block passes and the cell
     is gathered; the merge orders by (score desc, tie asc). Where too many blocks pass (the first
-    chunk, scores that rise with the row), the chunk takes the full top-k path instead."""
+    chunk, scores that rise with the row), the chunk takes the full top-k path instead.
+
+    A single query's product runs in numpy's BLAS (see _gemv) on as many threads as the caller's
+    torch count, and what is left for torch is element-wise work over the scores: torch runs it on
+    one thread (waking a second cost more: 1M x 64 took 25-28 ms with two, 20.6 with one), and the
+    caller's count is restored after."""
+    threads = torch.get_num_threads()
+    args = (queries, matrix, k, masked_rows, exclude, tie_ids, max_score_elements, upcast_rows, threads)
+    if queries.shape[0] != 1:
+        return _scan(*args)
+    torch.set_num_threads(1)
+    try:
+        return _scan(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _scan(
+    queries: torch.Tensor,
+    matrix: torch.Tensor,
+    k: int,
+    masked_rows: torch.Tensor | None,
+    exclude: tuple[torch.Tensor, torch.Tensor] | None,
+    tie_ids: torch.Tensor | None,
+    max_score_elements: int,
+    upcast_rows: int,
+    gemv_threads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     batch, n = queries.shape[0], matrix.shape[0]
     kk = min(k, n)
     best_s = torch.full((batch, kk), float("-inf"))
     best_r = torch.full((batch, kk), -1, dtype=torch.long)
     if n == 0 or batch == 0:
         return best_s, best_r
-    # B = 1 is padded with a zero query (MKL's gemv on 64-128-wide rows is far slower than a GEMM);
     # qᵀ stays a view of the row-major q (MKL is up to 2x slower with a copied, row-major qᵀ).
-    qt = F.pad(queries.float(), (0, 0, 0, 1 if batch == 1 else 0)).contiguous().T  # [D, B']
+    qt = queries.detach().float().contiguous().T  # [D, B]
     width = qt.shape[1] if qt.shape[1] <= _NARROW else _round_up(qt.shape[1], _WIDTH)
     chunk = _round_up(max(kk, max_score_elements // width), _BLOCK)
     starts = _growing_starts(n, min(chunk, _round_up(max(kk * 64, 4096), _BLOCK)), chunk)
     buf = torch.empty(min(chunk, _round_up(n, _BLOCK)), width)
     buf[:, qt.shape[1] :] = float("-inf")
-    ties = tie_ids if tie_ids is not None else torch.arange(n)
     deleted = ChunkMasks.of_rows(masked_rows, n, starts, matrix.device)
     excluded = ChunkMasks.of_pairs(exclude, n, starts, matrix.device)
     for i, (start, end) in enumerate(itertools.pairwise([*starts, n])):
         rows = end - start
-        _rows_times(matrix[start:end], qt, buf[:rows, : qt.shape[1]], upcast_rows)
+        _rows_times(matrix[start:end], qt, buf[:rows, : qt.shape[1]], upcast_rows, gemv_threads)
         blocks = buf[: _round_up(rows, _BLOCK)]
         blocks[rows:].fill_(float("-inf"))  # the last block's rows past the end
         scores = buf[:rows, :batch].T  # [B, c] view
         deleted.fill(scores, i, start)
         excluded.fill(scores, i, start)
-        cs, cr = _candidates(blocks, batch, best_s[:, -1], kk, ties[start:end])
+        chunk_ties = tie_ids[start:end] if tie_ids is not None else None
+        cs, cr = _candidates(blocks, rows, batch, best_s[:, -1], kk, chunk_ties)
         if cs.shape[1]:
             cand_r = torch.cat([best_r, torch.where(cr >= 0, cr + start, cr)], 1)
-            best_s, best_r = lex_top(torch.cat([best_s, cs], 1), cand_r, ties[cand_r.clamp(min=0)], kk)
+            cand_ties = cand_r if tie_ids is None else tie_ids[cand_r.clamp(min=0)]
+            best_s, best_r = lex_top(torch.cat([best_s, cs], 1), cand_r, cand_ties, kk)
     best_r = best_r.masked_fill(best_s == float("-inf"), -1)
     return best_s, best_r
 
@@ -92,24 +128,75 @@ def _growing_starts(n: int, first: int, chunk: int) -> list[int]:
     return starts
 
 
-def _rows_times(block: torch.Tensor, qt: torch.Tensor, out: torch.Tensor, upcast_rows: int) -> None:
+def _rows_times(
+    block: torch.Tensor, qt: torch.Tensor, out: torch.Tensor, upcast_rows: int, threads: int
+) -> None:
     """out [c, B] (rows may be strided) = block [c, D] @ qt [D, B] in fp32; reduced-precision rows
-    are widened a cache-sized slice at a time (the scores keep fp32 resolution)."""
-    if block.dtype == torch.float32:
+    are widened a cache-sized slice at a time (the scores keep fp32 resolution). A single query by
+    _gemv."""
+    if qt.shape[1] == 1:
+        _gemv(block, qt[:, 0].numpy(), out[:, 0].numpy(), upcast_rows, threads)
+    elif block.dtype == torch.float32:
         torch.mm(block, qt, out=out)
+    else:
+        wide = torch.empty(min(upcast_rows, block.shape[0]), block.shape[1])
+        for a in range(0, block.shape[0], upcast_rows):
+            part = block[a : a + upcast_rows]
+            torch.mm(wide[: part.shape[0]].copy_(part), qt, out=out[a : a + part.shape[0]])
+
+
+_GEMV_ROWS_PER_THREAD = 1 << 16
+_gemv_pool: ThreadPoolExecutor | None = None
+_gemv_pool_lock = threading.Lock()
+
+
+def _gemv(rows: torch.Tensor, q: np.ndarray, out: np.ndarray, upcast_rows: int, threads: int) -> None:
+    """out [c] = rows [c, D] @ q [D] by numpy's BLAS, the rows split between up to `threads` threads
+    (this one and pool workers; np.dot releases the GIL), each widening its own reduced-precision
+    slices.
+
+    Why: OpenBLAS (numpy's wheels) reads 1M x 64 rows at the memory's pace, 16-19 ms on one thread here
+    and ~12 ms on two, against 22 ms for torch's MKL GEMM on a zero-padded second query and 33 ms for
+    its gemv. OpenBLAS's own thread pool is held to one thread (above): its threads spin for the cores
+    after each call and fight torch's; pool workers here sleep on a queue instead."""
+    parts = max(1, min(threads, rows.shape[0] // _GEMV_ROWS_PER_THREAD))
+    bounds = [rows.shape[0] * i // parts for i in range(parts + 1)]
+    futures = [
+        _pool().submit(_gemv_part, rows[a:b], q, out[a:b], upcast_rows)
+        for a, b in itertools.pairwise(bounds[1:])
+    ]
+    _gemv_part(rows[: bounds[1]], q, out[: bounds[1]], upcast_rows)
+    for future in futures:
+        future.result()
+
+
+def _gemv_part(rows: torch.Tensor, q: np.ndarray, out: np.ndarray, upcast_rows: int) -> None:
+    if rows.dtype == torch.float32:
+        np.dot(rows.numpy(), q, out=out)
         return
-    wide = torch.empty(min(upcast_rows, block.shape[0]), block.shape[1])
-    for a in range(0, block.shape[0], upcast_rows):
-        part = block[a : a + upcast_rows]
-        torch.mm(wide[: part.shape[0]].copy_(part), qt, out=out[a : a + part.shape[0]])
+    wide = torch.empty(min(upcast_rows, rows.shape[0]), rows.shape[1])
+    for a in range(0, rows.shape[0], upcast_rows):
+        part = wide[: min(upcast_rows, rows.shape[0] - a)].copy_(rows[a : a + upcast_rows])
+        np.dot(part.numpy(), q, out=out[a : a + part.shape[0]])
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _gemv_pool
+    with _gemv_pool_lock:
+        if _gemv_pool is None:
+            workers = max(1, (os.cpu_count() or 2) - 1)
+            # torch ops in a worker (widening bf16 slices) stay on that worker's own thread.
+            _gemv_pool = ThreadPoolExecutor(workers, "gemv", initializer=torch.set_num_threads, initargs=(1,))
+        return _gemv_pool
 
 
 def _candidates(
-    blocks: torch.Tensor, batch: int, floor: torch.Tensor, kk: int, ties: torch.Tensor
+    blocks: torch.Tensor, rows: int, batch: int, floor: torch.Tensor, kk: int, ties: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The cells of a chunk that may enter the top-kk of queries whose k-th best so far is floor [B]:
     (scores [B, m], chunk-local rows [B, m]) padded with -inf / -1. blocks [c', W]: the chunk's
-    scores, query b in column b, c' rows a multiple of _BLOCK (-inf past the chunk's end).
+    `rows` rows of scores, query b in column b, c' a multiple of _BLOCK (-inf past the chunk's end);
+    ties: the chunk's tie ids (None: the row order).
 
     The cheapest way that keeps the gather small: the blocks whose best cell passes, else the
     cells that pass, else (the first chunk, rising scores) the chunk's own top-kk."""
@@ -117,10 +204,12 @@ def _candidates(
     if not bool(torch.isinf(floor).any()):  # else fewer than kk eligible so far: every cell passes
         cells = _passing_blocks(blocks, batch, floor, cap)
         if cells is None:
-            cells = _passing_cells(blocks[: ties.shape[0], :batch].T, floor, cap)
+            cells = _passing_cells(blocks[:rows, :batch].T, floor, cap)
         if cells is not None:
             return _by_query(*cells, batch)
-    return _full_topk(blocks, batch, kk, ties)
+    scores = blocks[:rows, :batch].T.contiguous()  # [B, c]
+    values, top, _ = chunk_topk(scores, min(kk, rows), ties if ties is not None else torch.arange(rows))
+    return values, top
 
 
 Cells = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (query [P], row [P], score [P])
@@ -145,14 +234,6 @@ def _passing_cells(scores: torch.Tensor, floor: torch.Tensor, cap: int) -> Cells
         return None
     query, rows = passed.nonzero(as_tuple=True)
     return query, rows, scores[query, rows]
-
-
-def _full_topk(
-    blocks: torch.Tensor, batch: int, kk: int, ties: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = blocks[: ties.shape[0], :batch].T.contiguous()  # [B, c]
-    values, rows, _ = chunk_topk(scores, min(kk, scores.shape[1]), ties)
-    return values, rows
 
 
 def _by_query(

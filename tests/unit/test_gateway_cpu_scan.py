@@ -3,6 +3,8 @@ test_gateway_topk, on small matrices with small chunks so that every tier runs: 
 full top-k, the blocks whose best cell passes, the cells that pass, and the full top-k again where
 too many pass."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -32,11 +34,11 @@ def tiers(monkeypatch):
 
     monkeypatch.setattr(topk_cpu, "_passing_blocks", spy("blocks", topk_cpu._passing_blocks))
     monkeypatch.setattr(topk_cpu, "_passing_cells", spy("cells", topk_cpu._passing_cells))
-    monkeypatch.setattr(topk_cpu, "_full_topk", spy("full", topk_cpu._full_topk))
+    monkeypatch.setattr(topk_cpu, "chunk_topk", spy("full", topk_cpu.chunk_topk))
     return counts
 
 
-@pytest.mark.parametrize("batch", [1, 5, 9, 33])  # padded to 2; narrow; padded to 32; to 64 columns
+@pytest.mark.parametrize("batch", [1, 5, 9, 33])  # numpy gemv; narrow; padded to 32; to 64 columns
 @pytest.mark.parametrize("k", [1, 5, 40])
 def test_matches_brute_force_with_masks_and_exclusions(batch, k, tiers):
     rng = np.random.default_rng(batch * 100 + k)
@@ -44,7 +46,7 @@ def test_matches_brute_force_with_masks_and_exclusions(batch, k, tiers):
     matrix, queries = unit(rng, n, 16), unit(rng, batch, 16)
     valid = rng.random(n) > 0.1
     exclude = (rng.integers(0, batch, 3000), rng.integers(0, n, 3000))
-    width = 2 if batch == 1 else batch if batch <= 8 else 32 * -(-batch // 32)
+    width = batch if batch <= 8 else 32 * -(-batch // 32)
     got = scan(
         torch.from_numpy(queries), torch.from_numpy(matrix), k,
         masked=torch.from_numpy(np.flatnonzero(~valid)[::-1].copy()),  # unsorted on purpose
@@ -110,9 +112,41 @@ def test_bf16_storage_scores_in_fp32():
 def test_exact_topk_takes_the_scan_for_large_corpora_only(monkeypatch):
     calls = []
     monkeypatch.setattr(topk, "cpu_scan", lambda *a: calls.append(a) or (torch.empty(0), torch.empty(0)))
-    assert not scan_pays(1, 1682) and not scan_pays(32, 50_000)
-    assert scan_pays(1, 1 << 22) and scan_pays(32, 1 << 17)
+    assert not scan_pays(1682) and not scan_pays(100_000)
+    assert scan_pays(1_000_000)
     exact_topk(torch.zeros(1, 4), torch.zeros(1682, 4), 10)
     assert not calls
-    exact_topk(torch.zeros(32, 4), torch.zeros(1 << 17, 4), 10)
+    exact_topk(torch.zeros(32, 4), torch.zeros(1_000_000, 4), 10)
     assert len(calls) == 1
+
+
+def test_single_query_scan_restores_the_callers_threads():
+    rng = np.random.default_rng(5)
+    matrix, queries = unit(rng, 5000, 16), unit(rng, 1, 16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = scan(torch.from_numpy(queries), torch.from_numpy(matrix), 10, max_elements=1024)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    check(got, reference(queries, matrix, 10))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_query_gemv_split_between_threads(dtype, monkeypatch):
+    rng = np.random.default_rng(6)
+    matrix, queries = unit(rng, 6000, 16), unit(rng, 1, 16)
+    stored = torch.from_numpy(matrix).to(dtype)
+    threads = []
+    real = topk_cpu._gemv_part
+    monkeypatch.setattr(topk_cpu, "_gemv_part", lambda *a: threads.append(threading.get_ident()) or real(*a))
+    monkeypatch.setattr(topk_cpu, "_GEMV_ROWS_PER_THREAD", 256)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = scan(torch.from_numpy(queries), stored, 25, max_elements=2048, upcast=100)
+    finally:
+        torch.set_num_threads(before)
+    check(got, reference(queries, stored.float().numpy(), 25))
+    assert len(set(threads)) == 2, "the rows were not split between two threads"
