@@ -14,9 +14,9 @@ from threadpoolctl import ThreadpoolController
 
 from retrieval_gateway.topk_chunks import ChunkMasks, chunk_topk, lex_top
 
-# A single query's scores come from numpy's BLAS (see _product). OpenBLAS's own thread pool, next to
-# torch's OpenMP threads, made the scan 1.5x slower (both spin for the cores between calls): it
-# computes in the calling thread, and the process's parallelism stays torch's (shared/threads.py).
+# A single query's scores come from numpy's BLAS (see _gemv). OpenBLAS's own thread pool, next to
+# torch's OpenMP threads, made the scan 1.5-5x slower (both spin for the cores between calls): it
+# computes in the calling thread, and _gemv splits the rows between threads itself.
 ThreadpoolController().select(internal_api="openblas").limit(limits=1)
 
 _LOWEST = torch.finfo(torch.float32).min
@@ -24,8 +24,8 @@ _BLOCK = 64  # rows per block of the CPU scan's gather filter
 # The CPU scan's buffer columns: up to _NARROW queries as they are, more padded to a multiple of
 # _WIDTH (torch's amax over rows is vectorised for 32 columns, ~15x slower for 16 or 24).
 _NARROW, _WIDTH = 8, 32
-# The gathering CPU scan pays from about 500k rows, whatever the batch; below, its extra chunks and
-# ops cost more than they save (docs/decisions.md, "CPU scan").
+# The gathering CPU scan pays from about 400-500k rows, whatever the batch; below, its extra chunks
+# and ops cost more than they save (docs/decisions.md, "CPU scan").
 _SCAN_MIN_ROWS = 400_000
 
 
