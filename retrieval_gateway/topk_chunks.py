@@ -49,8 +49,10 @@ class ChunkMasks:
         cols = self.rows[lo:hi] - start
         if self.queries is None:  # deleted rows: every query
             scores.index_fill_(1, cols, float("-inf"))
-        else:
-            scores.index_put_((self.queries[lo:hi], cols), torch.tensor(float("-inf"), device=scores.device))
+        elif scores.is_contiguous():  # the device loop: one flat index_fill_, nothing to copy to the device
+            scores.view(-1).index_fill_(0, self.queries[lo:hi] * scores.shape[1] + cols, float("-inf"))
+        else:  # the CPU scan's [B, c] view of its row-major buffer
+            scores[self.queries[lo:hi], cols] = float("-inf")
 
 
 def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
