@@ -60,6 +60,7 @@ def cpu_scan(
     one thread (waking a second cost more: 1M x 64 took 25-28 ms with two, 20.6 with one), and the
     caller's count is restored after."""
     threads = torch.get_num_threads()
+    queries, matrix = queries.detach(), matrix.detach()  # out= products and numpy views take no autograd
     args = (queries, matrix, k, masked_rows, exclude, tie_ids, max_score_elements, upcast_rows, threads)
     if queries.shape[0] != 1:
         return _scan(*args)
@@ -88,7 +89,7 @@ def _scan(
     if n == 0 or batch == 0:
         return best_s, best_r
     # qᵀ stays a view of the row-major q (MKL is up to 2x slower with a copied, row-major qᵀ).
-    qt = queries.detach().float().contiguous().T  # [D, B]
+    qt = queries.float().contiguous().T  # [D, B]
     width = qt.shape[1] if qt.shape[1] <= _NARROW else _round_up(qt.shape[1], _WIDTH)
     chunk = _round_up(max(kk, max_score_elements // width), _BLOCK)
     starts = _growing_starts(n, min(chunk, _round_up(max(kk * 64, 4096), _BLOCK)), chunk)

@@ -150,3 +150,12 @@ def test_single_query_gemv_split_between_threads(dtype, monkeypatch):
         torch.set_num_threads(before)
     check(got, reference(queries, stored.float().numpy(), 25))
     assert len(set(threads)) == 2, "the rows were not split between two threads"
+
+
+def test_inputs_that_require_grad_are_scored_without_autograd():
+    rng = np.random.default_rng(9)
+    matrix, queries = unit(rng, 3000, 8), unit(rng, 3, 8)
+    for batch in (1, 3):
+        q = torch.from_numpy(queries[:batch]).requires_grad_()
+        got = scan(q, torch.from_numpy(matrix).requires_grad_(), 5, max_elements=512 * 3)
+        check(got, reference(queries[:batch], matrix, 5))
