@@ -3,9 +3,11 @@ the few cells that can still enter each query's top-k. No grpc import."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -59,60 +61,53 @@ def cpu_scan(
     torch count, and what is left for torch is element-wise work over the scores: torch runs it on
     one thread (waking a second cost more: 1M x 64 took 25-28 ms with two, 20.6 with one), and the
     caller's count is restored after."""
-    threads = torch.get_num_threads()
-    queries, matrix = queries.detach(), matrix.detach()  # out= products and numpy views take no autograd
-    args = (queries, matrix, k, masked_rows, exclude, tie_ids, max_score_elements, upcast_rows, threads)
-    if queries.shape[0] != 1:
-        return _scan(*args)
-    torch.set_num_threads(1)
-    try:
-        return _scan(*args)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _scan(
-    queries: torch.Tensor,
-    matrix: torch.Tensor,
-    k: int,
-    masked_rows: torch.Tensor | None,
-    exclude: tuple[torch.Tensor, torch.Tensor] | None,
-    tie_ids: torch.Tensor | None,
-    max_score_elements: int,
-    upcast_rows: int,
-    gemv_threads: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
     batch, n = queries.shape[0], matrix.shape[0]
     kk = min(k, n)
     best_s = torch.full((batch, kk), float("-inf"))
     best_r = torch.full((batch, kk), -1, dtype=torch.long)
     if n == 0 or batch == 0:
         return best_s, best_r
-    # qᵀ stays a view of the row-major q (MKL is up to 2x slower with a copied, row-major qᵀ).
-    qt = queries.float().contiguous().T  # [D, B]
-    width = qt.shape[1] if qt.shape[1] <= _NARROW else _round_up(qt.shape[1], _WIDTH)
-    chunk = _round_up(max(kk, max_score_elements // width), _BLOCK)
-    starts = _growing_starts(n, min(chunk, _round_up(max(kk * 64, 4096), _BLOCK)), chunk)
-    buf = torch.empty(min(chunk, _round_up(n, _BLOCK)), width)
-    buf[:, qt.shape[1] :] = float("-inf")
-    deleted = ChunkMasks.of_rows(masked_rows, n, starts, matrix.device)
-    excluded = ChunkMasks.of_pairs(exclude, n, starts, matrix.device)
-    for i, (start, end) in enumerate(itertools.pairwise([*starts, n])):
-        rows = end - start
-        _rows_times(matrix[start:end], qt, buf[:rows, : qt.shape[1]], upcast_rows, gemv_threads)
-        blocks = buf[: _round_up(rows, _BLOCK)]
-        blocks[rows:].fill_(float("-inf"))  # the last block's rows past the end
-        scores = buf[:rows, :batch].T  # [B, c] view
-        deleted.fill(scores, i, start)
-        excluded.fill(scores, i, start)
-        chunk_ties = tie_ids[start:end] if tie_ids is not None else None
-        cs, cr = _candidates(blocks, rows, batch, best_s[:, -1], kk, chunk_ties)
-        if cs.shape[1]:
-            cand_r = torch.cat([best_r, torch.where(cr >= 0, cr + start, cr)], 1)
-            cand_ties = cand_r if tie_ids is None else tie_ids[cand_r.clamp(min=0)]
-            best_s, best_r = lex_top(torch.cat([best_s, cs], 1), cand_r, cand_ties, kk)
+    queries, matrix = queries.detach(), matrix.detach()  # out= products and numpy views take no autograd
+    gemv_threads = torch.get_num_threads()
+    with _torch_threads(1 if batch == 1 else gemv_threads):
+        # qᵀ stays a view of the row-major q (MKL is up to 2x slower with a copied, row-major qᵀ).
+        qt = queries.float().contiguous().T  # [D, B]
+        width = qt.shape[1] if qt.shape[1] <= _NARROW else _round_up(qt.shape[1], _WIDTH)
+        chunk = _round_up(max(kk, max_score_elements // width), _BLOCK)
+        starts = _growing_starts(n, min(chunk, _round_up(max(kk * 64, 4096), _BLOCK)), chunk)
+        buf = torch.empty(min(chunk, _round_up(n, _BLOCK)), width)
+        buf[:, qt.shape[1] :] = float("-inf")
+        deleted = ChunkMasks.of_rows(masked_rows, n, starts, matrix.device)
+        excluded = ChunkMasks.of_pairs(exclude, n, starts, matrix.device)
+        for i, (start, end) in enumerate(itertools.pairwise([*starts, n])):
+            rows = end - start
+            _rows_times(matrix[start:end], qt, buf[:rows, : qt.shape[1]], upcast_rows, gemv_threads)
+            blocks = buf[: _round_up(rows, _BLOCK)]
+            blocks[rows:].fill_(float("-inf"))  # the last block's rows past the end
+            scores = buf[:rows, :batch].T  # [B, c] view
+            deleted.fill(scores, i, start)
+            excluded.fill(scores, i, start)
+            chunk_ties = tie_ids[start:end] if tie_ids is not None else None
+            cs, cr = _candidates(blocks, rows, batch, best_s[:, -1], kk, chunk_ties)
+            if cs.shape[1]:
+                cand_r = torch.cat([best_r, torch.where(cr >= 0, cr + start, cr)], 1)
+                cand_ties = cand_r if tie_ids is None else tie_ids[cand_r.clamp(min=0)]
+                best_s, best_r = lex_top(torch.cat([best_s, cs], 1), cand_r, cand_ties, kk)
     best_r = best_r.masked_fill(best_s == float("-inf"), -1)
     return best_s, best_r
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads for this thread set to n, and restored after."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
 
 
 def _round_up(x: int, multiple: int) -> int:
