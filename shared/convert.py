@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +17,9 @@ from twotower.v1 import common_pb2, user_tower_pb2
 # action_names + action_ids of one event (duplicates allowed): a bound, so that one event cannot make
 # the server build a list of millions of entries (there are 19 actions).
 MAX_ACTIONS_PER_EVENT = 64
+_SCALARS = operator.attrgetter("post_id", "author_id", "product_surface", "timestamp_ms")
+_ACTION_NAMES = operator.attrgetter("action_names")
+_ACTION_IDS = operator.attrgetter("action_ids")
 
 
 def user_context_from_proto(
@@ -28,36 +33,42 @@ def user_context_from_proto(
     history = msg.history
     n = len(history)
     check_history_length(n, max_history_events, where)  # before any per-event work
-    # One pass over the events (this runs per request on the event loop: ~2x faster than one pass
-    # per column), then the checks vectorised.
-    scalars: list[tuple[int, int, int, int]] = []
-    hit_rows: list[int] = []  # (event, action) pairs, names already mapped to ids
-    hit_ids: list[int] = []
-    for i, event in enumerate(history):
-        scalars.append((event.post_id, event.author_id, event.product_surface, event.timestamp_ms))
-        n_actions = len(event.action_names) + len(event.action_ids)
-        if n_actions > MAX_ACTIONS_PER_EVENT:
-            raise InvalidInput(
-                f"{where}.history[{i}] has {n_actions} action_names + action_ids; "
-                f"the limit is {MAX_ACTIONS_PER_EVENT}"
-            )
-        for name in event.action_names:
-            action = ACTION_IDS.get(name, num_actions)
-            if action >= num_actions:
-                raise InvalidInput(f"{where}.history[{i}].action_names: unknown action {name!r}")
-            hit_rows.append(i)
-            hit_ids.append(action)
-        if event.action_ids:
-            hit_rows.extend([i] * len(event.action_ids))
-            hit_ids.extend(event.action_ids)
-    columns = np.array(scalars, dtype=np.int64).reshape(n, 4)
-    rows, ids = np.array(hit_rows, dtype=np.int64), np.array(hit_ids, dtype=np.int64)
-    bad = np.flatnonzero((ids < 0) | (ids >= num_actions))
+    # This runs per request on an event loop, so the per-event work is left to C: attrgetter and map
+    # read each event's fields without a Python loop (128 events with 2 action names each: 0.67-0.77
+    # ms as one Python pass, 0.43-0.5 ms so), then the checks are vectorised.
+    scalars = itertools.chain.from_iterable(map(_SCALARS, history))
+    columns = np.fromiter(scalars, np.int64, 4 * n).reshape(n, 4)
+    names = list(map(_ACTION_NAMES, history))
+    ids = list(map(_ACTION_IDS, history))
+    name_counts = np.fromiter(map(len, names), np.int64, n)
+    id_counts = np.fromiter(map(len, ids), np.int64, n)
+    too_many = np.flatnonzero(name_counts + id_counts > MAX_ACTIONS_PER_EVENT)
+    if too_many.size:  # before anything is built from the actions
+        i = int(too_many[0])
+        raise InvalidInput(
+            f"{where}.history[{i}] has {int(name_counts[i] + id_counts[i])} action_names + action_ids; "
+            f"the limit is {MAX_ACTIONS_PER_EVENT}"
+        )
+    flat_names = list(itertools.chain.from_iterable(names))
+    named = np.fromiter(
+        map(ACTION_IDS.get, flat_names, itertools.repeat(num_actions)), np.int64, len(flat_names)
+    )
+    name_rows = np.repeat(np.arange(n, dtype=np.int64), name_counts)
+    unknown = np.flatnonzero(named >= num_actions)
+    if unknown.size:
+        j = int(unknown[0])
+        raise InvalidInput(
+            f"{where}.history[{int(name_rows[j])}].action_names: unknown action {flat_names[j]!r}"
+        )
+    given = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(id_counts.sum()))
+    id_rows = np.repeat(np.arange(n, dtype=np.int64), id_counts)
+    bad = np.flatnonzero((given < 0) | (given >= num_actions))
     if bad.size:
-        i, action = int(rows[bad[0]]), int(ids[bad[0]])
+        i, action = int(id_rows[bad[0]]), int(given[bad[0]])
         raise InvalidInput(f"{where}.history[{i}].action_ids: {action} out of range [0, {num_actions})")
     actions = np.zeros((n, num_actions), dtype=bool)
-    actions[rows, ids] = True
+    actions[name_rows, named] = True
+    actions[id_rows, given] = True
     post_ids, author_ids, surfaces = columns[:, 0].copy(), columns[:, 1].copy(), columns[:, 2].copy()
     _check_timestamps(columns[:, 3], where)
     return UserContext(

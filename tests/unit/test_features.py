@@ -4,6 +4,7 @@ import pytest
 from candidate_service.convert import item_columns_from_proto
 from shared.convert import user_context_from_proto, user_context_to_proto
 from shared.errors import InvalidInput
+from shared.model.actions import ACTION_IDS
 from shared.model.features import UserContext, featurize_items, featurize_users
 from twotower.v1 import common_pb2
 
@@ -33,6 +34,23 @@ def test_proto_conversion_merges_names_and_ids():
         ([{"post_id": 1, "action_ids": [-1]}], "out of range"),
         ([{"post_id": 1, "timestamp_ms": 5}, {"post_id": 2, "timestamp_ms": 4}], "goes back in time"),
         ([{"post_id": 1, "timestamp_ms": 5}, {"post_id": 2}], "unset or negative"),
+        # the event of a bad action among others' (names and ids are flattened across events)
+        (
+            [
+                {"post_id": 1, "action_names": ["favorite", "click"]},
+                {"post_id": 2},
+                {"post_id": 3, "action_ids": [1], "action_names": ["reply", "lik"]},
+            ],
+            r"history\[2\].action_names: unknown action 'lik'",
+        ),
+        (
+            [{"post_id": 1, "action_ids": [1, 2]}, {"post_id": 2, "action_ids": [3, 19]}],
+            r"history\[1\].action_ids: 19 out of range",
+        ),
+        (
+            [{"post_id": 1}, {"post_id": 2, "action_ids": [1] * 40, "action_names": ["favorite"] * 25}],
+            r"history\[1\] has 65 action_names \+ action_ids; the limit is 64",
+        ),
     ],
 )
 def test_proto_rejections(history, message):
@@ -84,3 +102,23 @@ def test_item_validation(tiny_config):
     long_value = [common_pb2.Item(post_id=1, attributes={"title": "x" * 2000})]
     with pytest.raises(InvalidInput, match="value over 1024 bytes"):
         item_columns_from_proto(long_value, max_items=2)
+
+
+def test_proto_conversion_matches_event_by_event_reading():
+    rng = np.random.default_rng(3)
+    names = list(ACTION_IDS)
+    history = []
+    for i in range(50):
+        picked = rng.choice(19, rng.integers(0, 4), replace=False)
+        history.append({"post_id": i + 1, "author_id": int(rng.integers(0, 99)), "product_surface": i % 5,
+                        "timestamp_ms": 1000 + i, "action_names": [names[a] for a in picked[::2]],
+                        "action_ids": [int(a) for a in picked[1::2]]})  # fmt: skip
+    ctx = user_context_from_proto(_proto(history=history), num_actions=19)
+    for i, event in enumerate(history):
+        want = sorted([ACTION_IDS[n] for n in event["action_names"]] + event["action_ids"])
+        assert np.flatnonzero(ctx.actions[i]).tolist() == want
+        assert (ctx.post_ids[i], ctx.author_ids[i], ctx.surfaces[i]) == (
+            event["post_id"],
+            event["author_id"],
+            event["product_surface"],
+        )
