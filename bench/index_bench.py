@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from retrieval_gateway.index import CorpusIndex, Query  # noqa: E402
-from retrieval_gateway.topk import DEVICE_MAX_SCORE_ELEMENTS, _exact_topk, exact_topk  # noqa: E402
+from retrieval_gateway.topk import DEVICE_MAX_SCORE_ELEMENTS, accelerator_topk, exact_topk  # noqa: E402
 from shared.threads import INTRA_OP  # noqa: E402
 
 FP = "bench"
@@ -122,11 +122,11 @@ def main() -> int:
         faiss_index.add(corpus.numpy())
 
     n_queries = queries.shape[0]
-    ties = post_ids.to(device)
+    ties, ties_host = post_ids.to(device), post_ids
     masked = torch.tensor([args.n - 1])  # one deleted row, on the host as exact_topk prefers
     reference = corpus.to(device)
     # The exact fp32 answer for every query: the recall reference of every row.
-    exact = ties[exact_topk(queries.to(device), reference, args.k, tie_ids=ties)[1]].cpu().numpy()
+    exact = ties_host[exact_topk(queries.to(device), reference, args.k, tie_ids=ties)[1].cpu()].numpy()
     del reference
     rows: list[dict] = []
 
@@ -156,7 +156,7 @@ def main() -> int:
                     top = exact_topk(
                         q.to(device), matrix, args.k, masked_rows=masked, tie_ids=ties, fused_gemv=fused
                     )
-                    return ties[top[1].clamp(min=0)].cpu().numpy()
+                    return ties_host[top[1].clamp(min=0)].numpy()  # rows on the host from any device
 
                 measure(name, b, search)
         del matrix
@@ -201,11 +201,11 @@ def main() -> int:
 
                 def one_term(q, cb=cb):
                     chunk_elements = DEVICE_MAX_SCORE_ELEMENTS["cuda"]
-                    top = _exact_topk(
-                        q.to(device), cb, args.k, masked, None, ties, chunk_elements, None, False,
-                        gemm=True, defer_ties=True, query_terms=1,
+                    top = accelerator_topk(
+                        q.to(device), cb, args.k, masked, None, ties, chunk_elements, None,
+                        gemm=True, query_terms=1,
                     )  # fmt: skip
-                    return ties[top[1].clamp(min=0)].cpu().numpy()
+                    return ties_host[top[1].clamp(min=0)].numpy()
 
                 measure("topk bf16 1-term query", b, one_term)
         del cb

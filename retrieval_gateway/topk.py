@@ -5,14 +5,13 @@ computed chunk by chunk and folded into a running top-k, so peak memory is bound
 `max_score_elements` floats whatever B x N is. Ranking is by (score descending, tie id ascending) and
 is exact, including which of several equal scores make the cut at the k-th place.
 
-On an accelerator (cuda) the chunk loop never waits for the device: deleted rows and exclusions are
-split by chunk on the host before the loop, and an exact tie at a chunk's k-th place is only flagged
-on the device; one check after the loop reruns the call with the tie resolution of the CPU path in
-the rare case that a flag is set. bf16/fp16 storage is scored by a GEMM in that dtype with fp32
+On an accelerator (cuda) `topk_device.device_topk` runs the chunk loop without reading anything on
+the host until one copy of the candidates at the end; a tie at the cut (rare with real data) reruns
+the call with the resolving loop here. bf16/fp16 storage is scored by a GEMM in that dtype with fp32
 accumulation and fp32 output: no widened copy of the corpus is made per query.
 
 On CPU, a large corpus (`topk_cpu.scan_pays`) is scanned by `topk_cpu.cpu_scan`, which computes the
-same ranking with a cheaper gather; `topk_chunks` holds what both loops share.
+same ranking with a cheaper gather; `topk_chunks` holds what the loops share.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import torch
 
 from retrieval_gateway.topk_chunks import ChunkMasks, chunk_topk, lex_top
 from retrieval_gateway.topk_cpu import cpu_scan, scan_pays
+from retrieval_gateway.topk_device import Scorer, device_topk
 
 DEFAULT_MAX_SCORE_ELEMENTS = 1 << 22  # 16 MiB of fp32 scores per chunk (the cpu default)
 # Per device when none is given: on cuda a chunk loop of many small top-ks costs far more than the
@@ -63,23 +63,70 @@ def exact_topk(
     id (default: the row index). fused_gemv: for a single query on CPU, use a torch.compile'd kernel
     that reads each row once and accumulates in fp32 registers (see `fused_gemv_kernel`).
     Returns (scores [B, K] fp32 descending, rows [B, K] int64) with K = min(k, N); where fewer than K
-    rows are eligible the tail is padded with score -inf and row -1.
+    rows are eligible the tail is padded with score -inf and row -1. On an accelerator both are on the
+    host (the search ends with one copy back there).
     """
     if queries.dim() != 2 or matrix.dim() != 2 or queries.shape[1] != matrix.shape[1]:
         raise ValueError(f"shapes {tuple(queries.shape)} @ {tuple(matrix.shape)}ᵀ do not match")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    on_device = matrix.device.type != "cpu"
     if max_score_elements is None:
         max_score_elements = DEVICE_MAX_SCORE_ELEMENTS.get(matrix.device.type, DEFAULT_MAX_SCORE_ELEMENTS)
-    single_fused = fused_gemv and queries.shape[0] == 1
-    if not on_device and not single_fused and scan_pays(matrix.shape[0]):
+    if matrix.device.type != "cpu":
+        return accelerator_topk(
+            queries, matrix, k, masked_rows, exclude, tie_ids, max_score_elements, upcast_rows,
+            gemm=matrix.dtype in _REDUCED and _MM_OUT_DTYPE,
+        )  # fmt: skip
+    if not (fused_gemv and queries.shape[0] == 1) and scan_pays(matrix.shape[0]):
         upcast = upcast_rows or DEFAULT_UPCAST_ROWS["cpu"]
         return cpu_scan(queries, matrix, k, masked_rows, exclude, tie_ids, max_score_elements, upcast)
     return _exact_topk(
         queries, matrix, k, masked_rows, exclude, tie_ids, max_score_elements, upcast_rows, fused_gemv,
-        gemm=on_device and matrix.dtype in _REDUCED and _MM_OUT_DTYPE, defer_ties=on_device,
+        gemm=False,
     )  # fmt: skip
+
+
+def accelerator_topk(
+    queries: torch.Tensor,
+    matrix: torch.Tensor,
+    k: int,
+    masked_rows: torch.Tensor | None,
+    exclude: tuple[torch.Tensor, torch.Tensor] | None,
+    tie_ids: torch.Tensor | None,
+    max_score_elements: int,
+    upcast_rows: int | None,
+    *,
+    gemm: bool,
+    query_terms: int = 2,
+    prefilter_min_batch: int | None = None,
+    prefilter_block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """exact_topk's accelerator strategy, on any device (tests run it on CPU): `device_topk`, and the
+    resolving loop when it finds a tie at the cut. Host results.
+
+    gemm: score reduced-precision rows with `_split_product` (fp32-output GEMM) instead of widening.
+    query_terms: with gemm, 2 = hi + lo query (see _split_query), 1 = the bf16-rounded query alone
+    (index_bench's investigation row: what the second term costs and what it buys in recall).
+    prefilter_min_batch / prefilter_block: see topk_device (None: its defaults)."""
+    batch, n = queries.shape[0], matrix.shape[0]
+    kk = min(k, n)
+    if n == 0 or batch == 0:
+        return torch.empty(batch, 0), torch.empty(batch, 0, dtype=torch.long)
+    q = queries.to(device=matrix.device, dtype=torch.float32)
+    score = _scorer(q, matrix.dtype, upcast_rows, False, gemm, query_terms)
+    chunk = max(kk + 1, min(n, max_score_elements // batch))
+    tuning = {"prefilter_min_batch": prefilter_min_batch, "block": prefilter_block}
+    found = device_topk(
+        score, matrix, batch, kk, masked_rows, exclude, tie_ids, chunk,
+        **{name: v for name, v in tuning.items() if v is not None},
+    )  # fmt: skip
+    if found is not None:
+        return found
+    scores, rows = _exact_topk(
+        queries, matrix, k, masked_rows, exclude, tie_ids, max_score_elements, upcast_rows, False,
+        gemm=gemm, query_terms=query_terms,
+    )  # fmt: skip
+    return scores.cpu(), rows.cpu()
 
 
 def _exact_topk(
@@ -94,16 +141,12 @@ def _exact_topk(
     fused_gemv: bool,
     *,
     gemm: bool,
-    defer_ties: bool,
     query_terms: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """exact_topk with the device strategy explicit (tests force the cuda one on CPU).
-
-    gemm: score reduced-precision rows with `_split_product` (fp32-output GEMM) instead of widening.
-    defer_ties: flag ties at a chunk's cut on the device and rerun once after the loop if any was
-    flagged, instead of resolving them inside the loop (which reads the flags on the host).
-    query_terms: with gemm, 2 = hi + lo query (see _split_query), 1 = the bf16-rounded query alone
-    (index_bench's investigation row: what the second term costs and what it buys in recall)."""
+    """The resolving chunk loop: each chunk's top-k with ties at its cut resolved at once (reads the
+    device when one occurs), merged in (score desc, tie asc) order. The CPU path for small corpora,
+    and an accelerator's when device_topk finds a tie at the cut. gemm, query_terms: see
+    accelerator_topk."""
     device = matrix.device
     batch, n = queries.shape[0], matrix.shape[0]
     kk = min(k, n)
@@ -114,43 +157,40 @@ def _exact_topk(
     q = queries.to(device=device, dtype=torch.float32)
     ties = tie_ids if tie_ids is not None else torch.arange(n, device=device)
     chunk = max(kk, min(n, max_score_elements // batch))
-    upcast = upcast_rows or DEFAULT_UPCAST_ROWS.get(device.type, 1 << 20)
-    fused = fused_gemv and batch == 1 and device.type == "cpu"
-    split = _split_query(q, matrix.dtype) if gemm and matrix.dtype in _REDUCED else None
-    if split is not None and query_terms == 1:
-        split = split[:batch]  # hi only
+    score = _scorer(q, matrix.dtype, upcast_rows, fused_gemv and batch == 1 and device.type == "cpu", gemm,
+                    query_terms)  # fmt: skip
     starts = list(range(0, n, chunk))
     deleted = ChunkMasks.of_rows(masked_rows, n, starts, device)
     excluded = ChunkMasks.of_pairs(exclude, n, starts, device)
-    tied = torch.zeros(batch, dtype=torch.bool, device=device) if defer_ties else None
     for i, start in enumerate(starts):
         end = min(n, start + chunk)
-        block = matrix[start:end]
-        if fused:
-            scores = fused_gemv_kernel()(q[0], block)[None]  # [1, c]
-        elif split is not None:
-            scores = _split_product(split, block, batch)  # [B, c]
-        else:
-            scores = _scores(q, block, upcast)  # [B, c]
+        scores = score(matrix[start:end])
         deleted.fill(scores, i, start)
         excluded.fill(scores, i, start)
-        cs, cr, chunk_tied = chunk_topk(scores, min(kk, end - start), ties[start:end], resolve=not defer_ties)
-        if tied is not None and chunk_tied is not None:
-            tied |= chunk_tied
+        cs, cr = chunk_topk(scores, min(kk, end - start), ties[start:end])
         if best_s.shape[1]:
             cand_s, cand_r = torch.cat([best_s, cs], dim=1), torch.cat([best_r, cr + start], dim=1)
         else:
             cand_s, cand_r = cs, cr + start
         best_s, best_r = lex_top(cand_s, cand_r, ties[cand_r], kk)
-    # The one host synchronisation on a device: a tie at some chunk's cut (rare with real data) means
-    # torch.topk may have kept the wrong one of several equal scores; redo the call resolving them.
-    if tied is not None and bool(tied.any()):
-        return _exact_topk(
-            queries, matrix, k, masked_rows, exclude, tie_ids, max_score_elements, upcast_rows, fused_gemv,
-            gemm=gemm, defer_ties=False, query_terms=query_terms,
-        )  # fmt: skip
     best_r = best_r.masked_fill(best_s == float("-inf"), -1)
     return best_s, best_r
+
+
+def _scorer(
+    q: torch.Tensor, dtype: torch.dtype, upcast_rows: int | None, fused: bool, gemm: bool, query_terms: int
+) -> Scorer:
+    """rows [c, D] -> scores [B, c] fp32 (contiguous) for the fp32 queries q [B, D] on rows' device."""
+    batch = q.shape[0]
+    if fused:
+        return lambda block: fused_gemv_kernel()(q[0], block)[None]
+    if gemm and dtype in _REDUCED:
+        split = _split_query(q, dtype)
+        if query_terms == 1:
+            split = split[:batch]  # hi only
+        return lambda block: _split_product(split, block, batch)
+    upcast = upcast_rows or DEFAULT_UPCAST_ROWS.get(q.device.type, 1 << 20)
+    return lambda block: _scores(q, block, upcast)
 
 
 _SHORT_BATCH = 4  # up to here, the product is computed as (rows @ qᵀ)ᵀ (see _product)

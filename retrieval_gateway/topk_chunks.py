@@ -1,5 +1,5 @@
-"""The parts of exact_topk's chunk loops that both the device loop and the CPU scan use: masks cut by
-chunk on the host, a chunk's own top-k, and the merge by (score desc, tie asc). No grpc import."""
+"""The parts of exact_topk's chunk loops that more than one of them uses: masks cut by chunk on the
+host, a chunk's own top-k, and the merge by (score desc, tie asc). No grpc import."""
 
 from __future__ import annotations
 
@@ -68,30 +68,25 @@ def _bounds(sorted_rows: torch.Tensor, n: int, starts: list[int]) -> list[int]:
     return torch.searchsorted(sorted_rows, edges).tolist()
 
 
-def chunk_topk(
-    scores: torch.Tensor, kc: int, ties: torch.Tensor, *, resolve: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def chunk_topk(scores: torch.Tensor, kc: int, ties: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-kc of each row of scores [B, c] by (score desc, tie asc); rows are chunk-local.
 
     One place more than needed is selected: when the (kc+1)-th score equals the kc-th, the cut falls
-    inside a run of equal scores and torch.topk chose arbitrarily among them. resolve=True redoes such
-    a query with every tied row so the smallest tie ids win (reads the flags on the host). Returns
-    (scores [B, kc], rows [B, kc], tied [B] bool or None), tied flagging the queries cut in a tie;
-    with resolve=False the caller must handle them. Rare with real data, and the check costs nothing.
-    """
+    inside a run of equal scores and torch.topk chose arbitrarily among them, so such a query is redone
+    with every tied row and the smallest tie ids win (this reads the flags on the host). Rare with real
+    data, and the check costs nothing. Returns (scores [B, kc], rows [B, kc])."""
     extra = min(kc + 1, scores.shape[1])
     values, rows = torch.topk(scores, extra, dim=1, sorted=True)
-    kth = values[:, kc - 1 : kc]  # [B, 1]
     if extra == kc:  # the whole chunk was taken: no cut, no tie
-        return values, rows, None
+        return values, rows
+    kth = values[:, kc - 1 : kc]  # [B, 1]
     tied = (values[:, kc] == kth[:, 0]) & torch.isfinite(kth[:, 0])
     values, rows = values[:, :kc], rows[:, :kc]
-    if resolve:
-        for b in tied.nonzero().flatten().tolist():
-            cand = (scores[b] >= kth[b]).nonzero().flatten()
-            s, r = lex_top(scores[b, cand][None], cand[None], ties[cand][None], kc)
-            values[b], rows[b] = s[0], r[0]
-    return values, rows, tied
+    for b in tied.nonzero().flatten().tolist():
+        cand = (scores[b] >= kth[b]).nonzero().flatten()
+        s, r = lex_top(scores[b, cand][None], cand[None], ties[cand][None], kc)
+        values[b], rows[b] = s[0], r[0]
+    return values, rows
 
 
 def lex_top(

@@ -204,7 +204,7 @@ def _candidates(
         if cells is not None:
             return _by_query(*cells, batch)
     scores = blocks[:rows, :batch].T.contiguous()  # [B, c]
-    values, top, _ = chunk_topk(scores, min(kk, rows), ties if ties is not None else torch.arange(rows))
+    values, top = chunk_topk(scores, min(kk, rows), ties if ties is not None else torch.arange(rows))
     return values, top
 
 

@@ -1,0 +1,143 @@
+"""exact_topk's loop on an accelerator: no host read until the end, one copy back. No grpc import.
+
+Each chunk's scores (from the caller's scorer) keep their best k+1 on the device: torch.topk, or for
+a batch of queries a block-max prefilter first (`_prefilter`); the chunks' candidates merge by
+torch.topk. Then one copy brings the [B, k+1] candidates to the host, where:
+- a tie at the cut (the k-th and (k+1)-th scores equal and finite) means a selection may have kept
+  the wrong one of several equal scores: `device_topk` returns None and the caller reruns the call
+  with the resolving loop (rare with real data);
+- otherwise the top k is exact as a set, and runs of equal scores inside it are put in tie-id order
+  on the host (lex_top on the few queries that have one).
+
+Why the set is exact without a tie at the cut: a selection (torch.topk, or the prefilter, see there)
+keeps every score above its own (k+1)-th; an item outside the merged top k+1 that scores at least the
+k-th would leave k+1 kept scores at least as high, so the (k+1)-th merged score would equal the k-th.
+
+Why (measured on an H200, 10M x 64 bf16, k=1000; docs/decisions.md "GPU top-k"): torch.topk of
+k+1 over [32, 10M] fp32 scores took 3.8 ms, the prefilter 0.9 ms; and at batch 1 the old loop's
+device-side tie ordering, tie flags and a second host read cost more than its one GEMM and top-k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from retrieval_gateway.topk_chunks import ChunkMasks, lex_top
+
+# Prefilter: the top-(k+1) blocks of PREFILTER_BLOCK columns by their max, then the top k+1 of their
+# cells. It pays for two queries or more (torch.topk of one long row is already fast) when the blocks
+# kept are a small part of the chunk. H200, 10M x 64 bf16, k=1000, ms without / with (256 columns):
+# B=2 1.51 / 1.29, B=8 2.66 / 1.94, B=16 4.27 / 2.74, B=64 15.9 / 11.4; at B=32, 64 / 128 / 256 / 512
+# columns: 6.10 / 5.66 / 6.53 / 5.93 (bench/gpu_profile.py).
+PREFILTER_BLOCK = 128
+PREFILTER_MIN_BATCH = 2
+_PREFILTER_MIN_SHARE = 8  # the chunk has at least this many times the columns of the blocks kept
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]  # rows [c, D] -> scores [B, c] fp32, contiguous
+
+
+def device_topk(
+    score: Scorer,
+    matrix: torch.Tensor,
+    batch: int,
+    k: int,
+    masked_rows: torch.Tensor | None,
+    exclude: tuple[torch.Tensor, torch.Tensor] | None,
+    tie_ids: torch.Tensor | None,
+    chunk: int,
+    *,
+    prefilter_min_batch: int = PREFILTER_MIN_BATCH,
+    block: int = PREFILTER_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Top-k rows of `matrix` (n >= 1 rows, n >= k) per query, scored `chunk` rows at a time by
+    `score`. Returns host tensors (scores [B, k] fp32 descending, rows [B, k] int64, -inf / -1 where
+    too few rows are eligible), or None when a tie at the cut needs the resolving loop."""
+    device, n = matrix.device, matrix.shape[0]
+    keep = min(k + 1, n)  # one more than asked: the tie check at the cut
+    starts = list(range(0, n, chunk))
+    deleted = ChunkMasks.of_rows(masked_rows, n, starts, device)
+    excluded = ChunkMasks.of_pairs(exclude, n, starts, device)
+    best_s: torch.Tensor | None = None
+    best_r: torch.Tensor | None = None
+    for i, start in enumerate(starts):
+        end = min(n, start + chunk)
+        scores = score(matrix[start:end])
+        deleted.fill(scores, i, start)
+        excluded.fill(scores, i, start)
+        if batch >= prefilter_min_batch and scores.shape[1] >= _PREFILTER_MIN_SHARE * keep * block:
+            cs, cr = _prefilter(scores, min(keep, end - start), block)
+        else:
+            cs, cr = torch.topk(scores, min(keep, end - start), dim=1)
+        cr = cr.add_(start)
+        if best_s is not None and best_r is not None:
+            cs, cr = torch.cat([best_s, cs], dim=1), torch.cat([best_r, cr], dim=1)
+            cs, at = torch.topk(cs, min(keep, cs.shape[1]), dim=1)
+            cr = cr.gather(1, at)
+        best_s, best_r = cs, cr
+    assert best_s is not None and best_r is not None
+    scores_h, rows_h = _to_host(best_s, best_r)  # the one synchronisation
+    return _finish(scores_h, rows_h, k, tie_ids)
+
+
+def _prefilter(scores: torch.Tensor, keep: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top `keep` of scores [B, c] (values descending, columns) among the cells of the `keep`
+    blocks of `block` columns whose maxima are largest (the last block may be short).
+
+    It keeps every score above its own keep-th, like torch.topk: a cell left out lies in a block whose
+    max is at most the keep-th largest block max, and the keep blocks kept each hold a cell at least
+    that large."""
+    b, c = scores.shape
+    full = c // block * block
+    maxima = scores[:, :full].view(b, full // block, block).amax(-1)
+    if full < c:
+        maxima = torch.cat([maxima, scores[:, full:].amax(-1, keepdim=True)], dim=1)
+    kept = torch.topk(maxima, min(keep, maxima.shape[1]), dim=1, sorted=False).indices  # [B, kb]
+    cols = (kept[:, :, None] * block + torch.arange(block, device=scores.device)).view(b, -1)
+    overhang = cols >= c  # the short last block's missing columns
+    cand = scores.gather(1, cols.clamp(max=c - 1)).masked_fill_(overhang, float("-inf"))
+    values, at = torch.topk(cand, keep, dim=1)
+    return values, cols.gather(1, at)
+
+
+def _to_host(scores: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both on the host in one copy."""
+    if scores.device.type == "cpu":
+        return scores, rows
+    return _unpack(_pack(scores, rows).cpu(), scores.shape[1])
+
+
+def _pack(scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[B, w] fp32 and [B, w] int64 -> [B, 3w] int32 bits: the rows first, so that a single row's
+    int64 bits start at an even offset (a view as int64 needs one)."""
+    return torch.cat([rows.view(torch.int32), scores.view(torch.int32)], dim=1)
+
+
+def _unpack(packed: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # copies with plain strides (a one-row slice counts as contiguous and keeps its row stride of 3w,
+    # which a view as int64 refuses)
+    rows = torch.empty(packed.shape[0], 2 * width, dtype=torch.int32).copy_(packed[:, : 2 * width])
+    scores = torch.empty(packed.shape[0], width, dtype=torch.int32).copy_(packed[:, 2 * width :])
+    return scores.view(torch.float32), rows.view(torch.int64)
+
+
+def _finish(
+    scores: torch.Tensor, rows: torch.Tensor, k: int, tie_ids: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """On the host: None if the cut falls inside a run of equal scores, else the top k with runs of
+    equal scores in tie-id order and -1 for the rows of -inf scores."""
+    if scores.shape[1] > k:
+        kth, nxt = scores[:, k - 1], scores[:, k]
+        if bool(((kth == nxt) & torch.isfinite(kth)).any()):
+            return None
+        scores, rows = scores[:, :k], rows[:, :k]
+    runs = ((scores[:, 1:] == scores[:, :-1]) & torch.isfinite(scores[:, 1:])).any(1)
+    if bool(runs.any()):
+        which = runs.nonzero().flatten()
+        r = rows[which]
+        ties = r if tie_ids is None else tie_ids[r.to(tie_ids.device)].cpu()
+        s, r = lex_top(scores[which], r, ties, k)
+        scores, rows = scores.clone(), rows.clone()
+        scores[which], rows[which] = s, r
+    return scores, rows.masked_fill(scores == float("-inf"), -1)
