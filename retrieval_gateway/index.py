@@ -218,9 +218,11 @@ class CorpusIndex:
                 max_score_elements=self.max_score_elements,
                 fused_gemv=self.fused_gemv,
             )
-            scores, top = scores.cpu().numpy(), top.cpu().numpy()
-            counts = [int((top[b, : q.k] >= 0).sum()) for b, q in enumerate(batch)]  # eligible rows first
-            hit_rows = np.concatenate([top[b, :n] for b, n in enumerate(counts)])
+            scores, top = scores.cpu().numpy(), top.cpu().numpy()  # (on the host already from a device)
+            # Each query's hits: its first k columns that hold a row (eligible rows come first).
+            ks = np.fromiter((q.k for q in batch), np.int64, len(batch))
+            counts = np.minimum((top >= 0).sum(1), ks).tolist()
+            hit_rows = top[np.arange(top.shape[1]) < np.asarray(counts)[:, None]]  # row-major: query by query
             post_ids, author_ids = rows.post_ids[hit_rows], rows.author_ids[hit_rows]
             attributes = rows.attributes(hit_rows)  # decoded only for the hits, in one pass
             at = 0

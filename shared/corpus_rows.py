@@ -50,8 +50,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
@@ -132,9 +133,15 @@ def _gather(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray, sep: bool
     return out
 
 
-def _decode(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[dict[str, str]]:
-    """Decoded maps of the given byte ranges (length 0 = {}), parsed a block of rows at a time."""
-    out: list[dict[str, str]] = [{} for _ in range(len(lengths))]
+# The map of every row without attributes: one shared read-only mapping, so that 32 x 1,000 hits of a
+# corpus without attributes cost one list, not 32,000 dicts (~3 ms).
+NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
+
+
+def _decode(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[Mapping[str, str]]:
+    """Decoded maps of the given byte ranges (length 0 = NO_ATTRIBUTES), parsed a block of rows at a
+    time. Read-only for the caller: copy a map before changing it."""
+    out: list[Mapping[str, str]] = [NO_ATTRIBUTES] * len(lengths)
     filled = np.flatnonzero(lengths)
     for lo in range(0, len(filled), _GATHER_ROWS):
         which = filled[lo : lo + _GATHER_ROWS]
@@ -160,7 +167,7 @@ class AttributeColumn:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def decode(self) -> list[dict[str, str]]:
+    def decode(self) -> list[Mapping[str, str]]:
         return _decode(self.data, self.offsets[:-1], np.diff(self.offsets))
 
 
@@ -421,8 +428,8 @@ class CorpusRows:
         """[m] int64 rows of the given ids, -1 where an id is not in the corpus."""
         return self._lookup.get(np.asarray(post_ids, np.int64).reshape(-1))
 
-    def attributes(self, rows: np.ndarray) -> list[dict[str, str]]:
-        """Decoded attributes of the given rows (fresh dicts; {} for none or a free row)."""
+    def attributes(self, rows: np.ndarray) -> list[Mapping[str, str]]:
+        """Decoded attributes of the given rows (read-only; NO_ATTRIBUTES for none or a free row)."""
         rows = np.asarray(rows, np.int64)
         return _decode(self._arena, self._attr_start[rows], self._attr_len[rows])
 
