@@ -431,7 +431,10 @@ class CorpusRows:
     def attributes(self, rows: np.ndarray) -> list[Mapping[str, str]]:
         """Decoded attributes of the given rows (read-only; NO_ATTRIBUTES for none or a free row)."""
         rows = np.asarray(rows, np.int64)
-        return _decode(self._arena, self._attr_start[rows], self._attr_len[rows])
+        lengths = self._attr_len[rows]
+        if not lengths.any():  # the common case of a corpus without attributes: no second gather
+            return [NO_ATTRIBUTES] * len(rows)
+        return _decode(self._arena, self._attr_start[rows], lengths)
 
     def free_rows(self) -> np.ndarray:
         """[f] int64 rows in [0, used) that hold no item (a copy)."""
