@@ -10,8 +10,9 @@
 #   - the repository goes on PYTHONPATH (no pip install -e).
 # Each step is bounded by `timeout` within one overall budget and the next step runs whatever the last
 # one did; results go to the --out folder (env GPU_CHECK_OUT, default results/): gpu_check.json,
-# report.md, gpu_check.log (everything printed), env.txt (versions, nvidia-smi), index_bench_<device>.json
-# and e2e_synthetic[_cuda].json. A summary table is printed last. Exit status 0 when every step passed.
+# report.md, gpu_check.log (everything printed), env.txt (versions, nvidia-smi), index_bench_<device>.json,
+# e2e_synthetic[_cuda].json and gpu_profile.tar.gz (bench/gpu_profile.py's breakdown, when the budget
+# leaves time for it). A summary table is printed last. Exit status 0 when every step passed.
 #
 #   bench/gpu_check.sh --prepare                        # here, first: fresh twotower/, complete .whl/
 #   PY=python3 bash bench/gpu_check.sh --out results/gpu   # on the GPU machine (its own python3)
@@ -125,6 +126,15 @@ step e2e 300 "$PY" bench/e2e_bench.py --quick --corpus synthetic --device "$DEVI
 mkdir -p "$WORK/report"
 cp "$OUT_DIR"/index_bench_*.json "$OUT_DIR"/e2e_*.json "$WORK/report/" 2>/dev/null
 RESERVE_S=10 step report 30 "$PY" bench/report.py --results "$WORK/report"
+
+# 8. Where the time goes (bench/gpu_profile.py: the search's pieces, the prefilter sweep, torch.profiler
+# tables, the user tower's request path, the gRPC floor), with what the budget leaves; its files travel
+# as one archive (a GPU machine returns few files).
+if [ "$QUICK" = 1 ]; then PROFILE=(--quick --n 200000 --small-n 50000); else PROFILE=(); fi
+if RESERVE_S=10 step profile 150 "$PY" bench/gpu_profile.py --device "$DEVICE" "${PROFILE[@]}" \
+  --out "$WORK/profile"; then
+  tar czf "$OUT_DIR/gpu_profile.tar.gz" -C "$WORK" profile
+fi
 
 QUICK_FLAG=()
 [ "$QUICK" = 1 ] && QUICK_FLAG=(--quick)
