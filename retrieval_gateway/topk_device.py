@@ -28,9 +28,9 @@ from retrieval_gateway.topk_chunks import ChunkMasks, lex_top
 
 # Prefilter: the top-(k+1) blocks of PREFILTER_BLOCK columns by their max, then the top k+1 of their
 # cells. It pays for two queries or more (torch.topk of one long row is already fast) when the blocks
-# kept are a small part of the chunk. H200, 10M x 64 bf16, k=1000, ms without / with (256 columns):
-# B=2 1.51 / 1.29, B=8 2.66 / 1.94, B=16 4.27 / 2.74, B=64 15.9 / 11.4; at B=32, 64 / 128 / 256 / 512
-# columns: 6.10 / 5.66 / 6.53 / 5.93 (bench/gpu_profile.py).
+# kept are a small part of the chunk. H200, 10M x 64 bf16, k=1000, ms without / with: B=1 0.94 / 0.89,
+# B=2 1.20 / 0.99, B=8 2.77 / 2.06, B=32 7.96 / 5.17, B=64 14.9 / 10.4; at B=32, blocks of 64 / 128 /
+# 256 / 512 columns: 5.68 / 5.17 / 5.33 / 5.38 (bench/gpu_profile.py --sweep-only).
 PREFILTER_BLOCK = 128
 PREFILTER_MIN_BATCH = 2
 _PREFILTER_MIN_SHARE = 8  # the chunk has at least this many times the columns of the blocks kept
