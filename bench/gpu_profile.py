@@ -40,6 +40,7 @@ from retrieval_gateway.topk import (  # noqa: E402
     exact_topk,
 )
 from retrieval_gateway.topk_chunks import lex_top  # noqa: E402
+from retrieval_gateway.topk_device import PREFILTER_BLOCK  # noqa: E402
 from shared.convert import user_context_from_proto  # noqa: E402
 from shared.model.features import featurize_users, validate_user  # noqa: E402
 from user_service.encoder import load_encoder  # noqa: E402
@@ -129,7 +130,7 @@ def prefilter_sweep(device: torch.device, matrix: torch.Tensor, k: int, seconds:
     elements = DEVICE_MAX_SCORE_ELEMENTS.get(device.type, 1 << 22)
     out: dict[str, dict] = {}
 
-    def run(q: torch.Tensor, min_batch: int, block: int | None = None) -> object:
+    def run(q: torch.Tensor, min_batch: int, block: int = PREFILTER_BLOCK) -> object:
         return accelerator_topk(q, matrix, k, None, None, None, elements, None, gemm=True,
                                 prefilter_min_batch=min_batch, prefilter_block=block)  # fmt: skip
 

@@ -23,7 +23,7 @@ import torch
 
 from retrieval_gateway.topk_chunks import ChunkMasks, chunk_topk, lex_top
 from retrieval_gateway.topk_cpu import cpu_scan, scan_pays
-from retrieval_gateway.topk_device import Scorer, device_topk
+from retrieval_gateway.topk_device import PREFILTER_BLOCK, PREFILTER_MIN_BATCH, Scorer, device_topk
 
 DEFAULT_MAX_SCORE_ELEMENTS = 1 << 22  # 16 MiB of fp32 scores per chunk (the cpu default)
 # Per device when none is given: on cuda a chunk loop of many small top-ks costs far more than the
@@ -98,8 +98,8 @@ def accelerator_topk(
     *,
     gemm: bool,
     query_terms: int = 2,
-    prefilter_min_batch: int | None = None,
-    prefilter_block: int | None = None,
+    prefilter_min_batch: int = PREFILTER_MIN_BATCH,
+    prefilter_block: int = PREFILTER_BLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """exact_topk's accelerator strategy, on any device (tests run it on CPU): `device_topk`, and the
     resolving loop when it finds a tie at the cut. Host results.
@@ -107,7 +107,7 @@ def accelerator_topk(
     gemm: score reduced-precision rows with `_split_product` (fp32-output GEMM) instead of widening.
     query_terms: with gemm, 2 = hi + lo query (see _split_query), 1 = the bf16-rounded query alone
     (index_bench's investigation row: what the second term costs and what it buys in recall).
-    prefilter_min_batch / prefilter_block: see topk_device (None: its defaults)."""
+    prefilter_min_batch / prefilter_block: see topk_device."""
     batch, n = queries.shape[0], matrix.shape[0]
     kk = min(k, n)
     if n == 0 or batch == 0:
@@ -115,10 +115,9 @@ def accelerator_topk(
     q = queries.to(device=matrix.device, dtype=torch.float32)
     score = _scorer(q, matrix.dtype, upcast_rows, False, gemm, query_terms)
     chunk = max(kk + 1, min(n, max_score_elements // batch))
-    tuning = {"prefilter_min_batch": prefilter_min_batch, "block": prefilter_block}
     found = device_topk(
         score, matrix, batch, kk, masked_rows, exclude, tie_ids, chunk,
-        **{name: v for name, v in tuning.items() if v is not None},
+        prefilter_min_batch=prefilter_min_batch, block=prefilter_block,
     )  # fmt: skip
     if found is not None:
         return found
