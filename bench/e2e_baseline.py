@@ -38,11 +38,14 @@ class Baseline:
         self.fingerprint = info.fingerprint
 
     @classmethod
-    async def load(cls, checkpoint: str, candidate_address: str, device: str) -> Baseline:
-        # the same tower as the served one: CUDA graphs on cuda, as user_service captures them
+    async def load(
+        cls, checkpoint: str, candidate_address: str, device: str, compile_tower: bool = False
+    ) -> Baseline:
+        # the same tower as the served one: CUDA graphs on cuda, as user_service captures them, and
+        # compiled when the service's tower is
         encoder = load_encoder(
             checkpoint, device, "fp32", GatewayConfig.max_history_events,
-            UserServiceConfig.max_batch_size if UserServiceConfig.cuda_graphs else 0,
+            UserServiceConfig.max_batch_size if UserServiceConfig.cuda_graphs else 0, compile_tower,
         )  # fmt: skip
         encoder.warm_up([1, 8])
         gw = GatewayConfig(user_service="-:0", candidate_service=candidate_address, device=device)

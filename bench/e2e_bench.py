@@ -135,6 +135,7 @@ def run_corpus(corpus: e2e_corpus.Corpus, args: argparse.Namespace, workdir: Pat
             "--device",
             args.device,
             *_opt("--max-wait-ms", args.user_max_wait_ms),
+            *(["--compile-user-tower"] if args.compile_user_tower else []),
         ],
         logs,
     )
@@ -207,7 +208,7 @@ async def _baseline(
 ) -> list[dict]:
     from bench.e2e_baseline import Baseline
 
-    base = await Baseline.load(str(corpus.checkpoint), candidate, args.device)
+    base = await Baseline.load(str(corpus.checkpoint), candidate, args.device, args.compile_user_tower)
     rows = []
     for level in progress_over(levels, f"{corpus.name}: baseline levels", unit="level"):
         b = level["breakdown"]
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "--device", default="cpu", choices=["cpu", "cuda", "auto"], help="gateway and user_service"
     )
     p.add_argument("--user-max-wait-ms", type=float, help="user_service batching wait (default: its own)")
+    p.add_argument("--compile-user-tower", action="store_true", help="torch.compile the user tower (cpu)")
     p.add_argument("--gateway-max-wait-ms", type=float, help="gateway batching wait (default: its own)")
     p.add_argument("--workdir", type=Path, default=RESULTS / "e2e_work", help="corpora, caches, service logs")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
