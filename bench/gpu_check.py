@@ -36,7 +36,8 @@ HASH_FILE = GENERATED / ".protos.sha256"
 WHEELS = REPO / ".whl"
 # The runtime packages the image lacks or has at another version, as pinned in constraints.txt; grpcio
 # and protobuf must be exactly the pair the generated code was made for (grpcio-tools' versions).
-CARRIED = ("grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection", "threadpoolctl")
+# py-spy (a binary in its wheel) is for bench/spy_stack.py's step.
+CARRIED = ("grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection", "threadpoolctl", "py-spy")
 PY_TAG = "cp312"  # the GPU image's Python 3.12
 # The issue's targets on an H100/H200 (10M x 64 bf16, k=1000; end to end c=1).
 INDEX_TARGETS = {1: 1.0, 32: 3.0}  # batch -> ms

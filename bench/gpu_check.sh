@@ -11,8 +11,9 @@
 # Each step is bounded by `timeout` within one overall budget and the next step runs whatever the last
 # one did; results go to the --out folder (env GPU_CHECK_OUT, default results/): gpu_check.json,
 # report.md, gpu_check.log (everything printed), env.txt (versions, nvidia-smi), index_bench_<device>.json,
-# e2e_synthetic[_cuda].json and gpu_profile.tar.gz (bench/gpu_profile.py's breakdown, when the budget
-# leaves time for it). A summary table is printed last. Exit status 0 when every step passed.
+# e2e_synthetic[_cuda].json, gpu_profile.tar.gz (bench/gpu_profile.py's breakdown) and spy.tar.gz
+# (bench/spy_stack.py: py-spy on the services), the last two when the budget leaves time for them.
+# A summary table is printed last. Exit status 0 when every step passed.
 #
 #   bench/gpu_check.sh --prepare                        # here, first: fresh twotower/, complete .whl/
 #   PY=python3 bash bench/gpu_check.sh --out results/gpu   # on the GPU machine (its own python3)
@@ -134,6 +135,22 @@ if [ "$QUICK" = 1 ]; then PROFILE=(--quick --n 200000 --small-n 50000); else PRO
 if RESERVE_S=10 step profile 150 "$PY" bench/gpu_profile.py --device "$DEVICE" "${PROFILE[@]}" \
   --out "$WORK/profile"; then
   tar czf "$OUT_DIR/gpu_profile.tar.gz" -C "$WORK" profile
+fi
+
+# 9. py-spy on the gateway and user_service while the stack serves c=1 (bench/spy_stack.py): where a
+# request's host time goes, per thread and frame. Only where py-spy is (the carried wheel has it).
+SPY_BIN=""
+if [ -x "$WORK/site/bin/py-spy" ]; then SPY_BIN="$WORK/site/bin/py-spy"
+elif [ -x "$(dirname "$PY")/py-spy" ]; then SPY_BIN="$(dirname "$PY")/py-spy"
+elif command -v py-spy >/dev/null; then SPY_BIN=$(command -v py-spy); fi
+if [ -n "$SPY_BIN" ]; then
+  if [ "$QUICK" = 1 ]; then SPY_SIZE=(--synthetic-items 50000 --seconds 4); else SPY_SIZE=(); fi
+  if RESERVE_S=10 step spy 120 "$PY" bench/spy_stack.py --device "$DEVICE" --py-spy "$SPY_BIN" \
+    "${SPY_SIZE[@]}" --out "$WORK/spy"; then
+    tar czf "$OUT_DIR/spy.tar.gz" -C "$WORK" spy
+  fi
+else
+  say "== [spy] skipped: no py-spy here (bench/gpu_check.sh --prepare puts its wheel in .whl/)"
 fi
 
 QUICK_FLAG=()
