@@ -66,7 +66,26 @@ class UserTower(nn.Module):
         return self.action_proj(signed) * any_action.to(signed.dtype)
 
     def forward(self, tables: EmbeddingTables, f: UserFeatures) -> torch.Tensor:
-        x, valid = self.hidden_states(tables, f)
+        return self.encode_rows(*self.lookup(tables, f), *_history_inputs(f))
+
+    def lookup(self, tables: EmbeddingTables, f: UserFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hash-embedding rows of a batch: the user's [B, (1+F)*Hu*D] and the history's
+        [B, S, (Hi+Ha)*D]. The only part of the tower that reads the (large, shared) tables; what
+        follows (`encode_rows`) holds only the tower's own small weights, so it can run elsewhere
+        (user_service exports it to ONNX Runtime) without a copy of the tables."""
+        user_parts = [tables.user(f.user_hashes)]  # [B, Hu*D]
+        if tables.user_feature is not None:
+            user_parts.append(tables.user_feature(f.user_feature_hashes).flatten(-2))  # [B, F*Hu*D]
+        post_author = [tables.post(f.history_post_hashes), tables.author(f.history_author_hashes)]
+        return torch.cat(user_parts, dim=-1), torch.cat(post_author, dim=-1)
+
+    def encode_rows(
+        self, user_rows: torch.Tensor, history_rows: torch.Tensor, actions: torch.Tensor,
+        surfaces: torch.Tensor, mask: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """`lookup`'s rows and the history's actions [B, S, A], surfaces [B, S] and mask [B, S] ->
+        [B, D] unit-norm embeddings."""
+        x, valid = self.hidden_states_of_rows(user_rows, history_rows, actions, surfaces, mask)
         weights = valid.to(x.dtype).unsqueeze(-1)  # [B, 1+S, 1]
         pooled = (x * weights).sum(dim=1) / weights.sum(dim=1)  # [B, D]: user token included
         return F.normalize(pooled.float(), dim=-1, eps=1e-12).to(x.dtype)
@@ -78,29 +97,34 @@ class UserTower(nn.Module):
         over valid positions is exactly what `forward` returns for the history cut after event t:
         training reads every prefix's embedding from one pass (dense next-item supervision).
         """
-        dtype = self.user_proj.weight.dtype
-        user_parts = [tables.user(f.user_hashes)]  # [B, Hu*D]
-        if tables.user_feature is not None:
-            user_parts.append(tables.user_feature(f.user_feature_hashes).flatten(-2))  # [B, F*Hu*D]
-        user_token = self.user_proj(torch.cat(user_parts, dim=-1)).unsqueeze(1)  # [B, 1, D]
+        return self.hidden_states_of_rows(*self.lookup(tables, f), *_history_inputs(f))
 
+    def hidden_states_of_rows(
+        self, user_rows: torch.Tensor, history_rows: torch.Tensor, actions: torch.Tensor,
+        surfaces: torch.Tensor, mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        dtype = self.user_proj.weight.dtype
+        user_token = self.user_proj(user_rows).unsqueeze(1)  # [B, 1, D]
         history = torch.cat(
             [
-                tables.post(f.history_post_hashes),  # [B, S, Hi*D]
-                tables.author(f.history_author_hashes),  # [B, S, Ha*D]
-                self.action_embedding(f.history_actions.to(dtype)),  # [B, S, D]
-                self.surface_emb(f.history_surfaces),  # [B, S, D]
+                history_rows,  # [B, S, (Hi+Ha)*D]: post, author
+                self.action_embedding(actions.to(dtype)),  # [B, S, D]
+                self.surface_emb(surfaces),  # [B, S, D]
             ],
             dim=-1,
         )
         history_tokens = self.history_proj(history)  # [B, S, D]
 
         x = torch.cat([user_token, history_tokens], dim=1)  # [B, 1+S, D]
-        valid = torch.cat([torch.ones_like(f.history_mask[:, :1]), f.history_mask], dim=1)  # [B, 1+S]
+        valid = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # [B, 1+S]
         rope = rotary_tables(x.shape[1], self.cfg.head_dim, self.cfg.rope_base, x.device)
         for block in self.blocks:
             x = block(x, valid, rope)
         return self.final_norm(x), valid
+
+
+def _history_inputs(f: UserFeatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return f.history_actions, f.history_surfaces, f.history_mask
 
 
 class CandidateTower(nn.Module):
