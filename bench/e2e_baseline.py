@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 
 from bench.loadgen import percentile
 from retrieval_gateway.config import GatewayConfig
@@ -39,13 +40,15 @@ class Baseline:
 
     @classmethod
     async def load(
-        cls, checkpoint: str, candidate_address: str, device: str, compile_tower: bool = False
-    ) -> Baseline:
+        cls, checkpoint: str, candidate_address: str, device: str, cpu_tower: str = "eager",
+        tower_cache_dir: Path | None = None,
+    ) -> Baseline:  # fmt: skip
         # the same tower as the served one: CUDA graphs on cuda, as user_service captures them, and
-        # compiled when the service's tower is
+        # on cpu the same runtime (ONNX Runtime, compiled or eager)
         encoder = load_encoder(
             checkpoint, device, "fp32", GatewayConfig.max_history_events,
-            UserServiceConfig.max_batch_size if UserServiceConfig.cuda_graphs else 0, compile_tower,
+            UserServiceConfig.max_batch_size if UserServiceConfig.cuda_graphs else 0, cpu_tower,
+            tower_cache_dir,
         )  # fmt: skip
         encoder.warm_up([1, 8])
         gw = GatewayConfig(user_service="-:0", candidate_service=candidate_address, device=device)

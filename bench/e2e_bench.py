@@ -47,6 +47,7 @@ from bench.common import (  # noqa: E402
 from bench.loadgen import LoadResult, run_load  # noqa: E402
 from shared.progress import print_above, progress_over  # noqa: E402
 from twotower.v1 import retrieval_gateway_pb2  # noqa: E402
+from user_service.config import CPU_TOWERS  # noqa: E402
 
 RETRIEVE = "/twotower.v1.RetrievalGateway/Retrieve"
 STATUS = "/twotower.v1.RetrievalGateway/GetStatus"
@@ -135,7 +136,10 @@ def run_corpus(corpus: e2e_corpus.Corpus, args: argparse.Namespace, workdir: Pat
             "--device",
             args.device,
             *_opt("--max-wait-ms", args.user_max_wait_ms),
-            *(["--compile-user-tower"] if args.compile_user_tower else []),
+            "--cpu-tower",
+            args.cpu_tower,
+            "--tower-cache-dir",
+            str(workdir / "tower-cache"),
         ],
         logs,
     )
@@ -208,7 +212,9 @@ async def _baseline(
 ) -> list[dict]:
     from bench.e2e_baseline import Baseline
 
-    base = await Baseline.load(str(corpus.checkpoint), candidate, args.device, args.compile_user_tower)
+    base = await Baseline.load(
+        str(corpus.checkpoint), candidate, args.device, args.cpu_tower, args.workdir / "tower-cache"
+    )
     rows = []
     for level in progress_over(levels, f"{corpus.name}: baseline levels", unit="level"):
         b = level["breakdown"]
@@ -284,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "--device", default="cpu", choices=["cpu", "cuda", "auto"], help="gateway and user_service"
     )
     p.add_argument("--user-max-wait-ms", type=float, help="user_service batching wait (default: its own)")
-    p.add_argument("--compile-user-tower", action="store_true", help="torch.compile the user tower (cpu)")
+    p.add_argument("--cpu-tower", default="onnx", choices=CPU_TOWERS, help="user tower runtime on cpu")
     p.add_argument("--gateway-max-wait-ms", type=float, help="gateway batching wait (default: its own)")
     p.add_argument("--workdir", type=Path, default=RESULTS / "e2e_work", help="corpora, caches, service logs")
     p.add_argument("--out-dir", type=Path, default=RESULTS)

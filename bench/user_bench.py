@@ -40,6 +40,7 @@ from shared.model.checkpoint import random_model, save_checkpoint  # noqa: E402
 from shared.model.config import TowerConfig  # noqa: E402
 from shared.progress import print_above, progress_over  # noqa: E402
 from twotower.v1 import common_pb2, user_tower_pb2  # noqa: E402
+from user_service.config import CPU_TOWERS  # noqa: E402
 
 METHOD = "/twotower.v1.UserTower/EncodeUsers"
 MODES = {"on": 64, "off": 1}  # mode -> --max-batch-size
@@ -73,7 +74,8 @@ class Server:
         cmd = [sys.executable, "-m", "user_service", "--checkpoint", str(checkpoint), "--port", "0",
                "--port-file", str(port_file), "--metrics-port", str(self.metrics_port),
                "--max-batch-size", str(batch), "--max-wait-ms", str(args.max_wait_ms),
-               "--device", args.device, "--dtype", args.dtype, "--log-level", "WARNING"]  # fmt: skip
+               "--device", args.device, "--dtype", args.dtype, "--log-level", "WARNING",
+               "--cpu-tower", args.cpu_tower, "--tower-cache-dir", str(work / "tower-cache")]  # fmt: skip
         if args.torch_threads:
             cmd += ["--torch-threads", str(args.torch_threads)]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--cpu-tower", default="onnx", choices=CPU_TOWERS, help="user tower runtime on cpu")
     p.add_argument("--out", type=Path, default=REPO / "results" / "user_bench.json")
     args = p.parse_args(argv)
     seconds = args.seconds or (2.5 if args.quick else 10.0)
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     by = {(r["batching"], r["concurrency"]): r for r in rows}
     print(f"\nuser_service EncodeUsers, 1 user/call, history {args.history}, default TowerConfig "
           f"(D={config.emb_dim}, S={config.history_len}), {args.device}/{args.dtype}, "
-          f"{seconds:.1f} s per cell")  # fmt: skip
+          f"cpu tower {args.cpu_tower}, {seconds:.1f} s per cell")  # fmt: skip
     print(f"{'conc':>5} | {'on calls/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'batch':>6} | "
           f"{'off calls/s':>11} {'p50 ms':>7} {'p99 ms':>7} | {'on/off':>6}")  # fmt: skip
     ratios = {}
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps({
         "benchmark": "user_service EncodeUsers", "history": args.history, "seconds_per_cell": seconds,
         "device": args.device, "dtype": args.dtype, "max_wait_ms": args.max_wait_ms,
-        "torch_threads": args.torch_threads, "fingerprint": fingerprint, "config": config.to_dict(),
+        "torch_threads": args.torch_threads, "cpu_tower": args.cpu_tower, "fingerprint": fingerprint,
+        "config": config.to_dict(),
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                  "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "rows": rows, "on_off_ratio": {str(k): v for k, v in ratios.items()},

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
@@ -12,6 +17,12 @@ TINY = dict(
     emb_dim=16, history_len=8, user_vocab_size=257, post_vocab_size=509, author_vocab_size=127,
     num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8,
 )  # fmt: skip
+
+
+# user_service exports its ONNX tower once per model into $XDG_CACHE_HOME (user_service/onnx_tower.py):
+# the suite's services, in process and in subprocesses, share one cache of their own, never ~/.cache.
+os.environ["XDG_CACHE_HOME"] = _CACHE = tempfile.mkdtemp(prefix="twotower-tests-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

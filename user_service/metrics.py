@@ -26,15 +26,17 @@ COMPUTE = Histogram(
 
 MODELS = Gauge(
     "twotower_user_model_info",
-    'Models held (1), by fingerprint; default="true" for the one requests without a fingerprint get',
-    ["fingerprint", "default"],
+    'Models held (1), by fingerprint; default="true" for the one requests without a fingerprint get; '
+    "runtime: how its tower runs (onnx, compile, cuda-graphs or eager)",
+    ["fingerprint", "default", "runtime"],
 )
 
 
-def set_models(fingerprints: list[str], default: str) -> None:
+def set_models(runtimes: dict[str, str], default: str) -> None:
+    """runtimes: fingerprint -> runtime of every model held."""
     MODELS.clear()
-    for fingerprint in fingerprints:
-        MODELS.labels(fingerprint, "true" if fingerprint == default else "false").set(1)
+    for fingerprint, runtime in runtimes.items():
+        MODELS.labels(fingerprint, "true" if fingerprint == default else "false", runtime).set(1)
 
 
 def observe_batch(report: BatchReport) -> None:

@@ -197,7 +197,7 @@ class ModelRegistry:
                     full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
                     raise (StorageFull(why) if full else StorageUnavailable(why)) from None
             self._held = _Held(encoders, checkpoints, default)
-            metrics.set_models(list(encoders), default)
+            metrics.set_models({fp: encoder.runtime for fp, encoder in encoders.items()}, default)
 
     def _require_state_file(self) -> None:
         if self.state_file is None:

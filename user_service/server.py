@@ -17,6 +17,7 @@ from twotower.v1 import user_tower_pb2, user_tower_pb2_grpc
 from user_service.config import UserServiceConfig
 from user_service.encoder import UserEncoder, load_encoder
 from user_service.models import ModelControl, ModelRegistry
+from user_service.onnx_tower import default_cache_dir
 from user_service.service import EncodingService
 from user_service.servicer import UserTowerServicer
 
@@ -30,7 +31,8 @@ EncoderFactory = Callable[[UserServiceConfig], UserEncoder]
 def default_encoder_factory(config: UserServiceConfig) -> UserEncoder:
     return load_encoder(
         str(config.checkpoint), config.device, config.dtype, config.max_history_events,
-        config.max_batch_size if config.cuda_graphs else 0, config.compile_user_tower,
+        config.max_batch_size if config.cuda_graphs else 0, config.cpu_runtime,
+        config.tower_cache_dir or default_cache_dir(),
     )  # fmt: skip
 
 

@@ -336,7 +336,7 @@ class _FakeCompiled:
     def __init__(self, model, mode="eager"):
         self.model, self.mode = model, mode
 
-    def encode_users(self, features):
+    def encode_users(self, features, threads=1):
         type(self).calls += 1
         if self.mode == "raise":
             raise RuntimeError("no C++ compiler")
@@ -351,26 +351,30 @@ def test_compiled_tower_serves_only_when_it_matches_eager(tiny_checkpoint, tiny_
     monkeypatch.setattr(encoder_module, "CompiledUserTower", lambda model: _FakeCompiled(model, mode))
     _FakeCompiled.calls = 0
     loaded = load_checkpoint(tiny_checkpoint)
-    cpu = UserEncoder.from_loaded(loaded, torch.device("cpu"), torch.float32, 1024, compile_tower=True)
+    cpu = UserEncoder.from_loaded(loaded, torch.device("cpu"), torch.float32, 1024, cpu_tower="compile")
     cpu.warm_up([1, 8])  # compiles and checks B = 1, 2, 8 against eager
-    assert (cpu._compiled is not None) == (mode == "eager")
+    assert (cpu._fast is not None) == (mode == "eager")
+    assert cpu.runtime == ("compile" if mode == "eager" else "eager")
     before = _FakeCompiled.calls
     users = [_user(1), _user(2, n=12)]
     torch.testing.assert_close(cpu.encode(users), _reference(tiny_model, users), atol=1e-5, rtol=1e-5)
     assert (_FakeCompiled.calls > before) == (mode == "eager")  # requests go through it only if it matched
 
 
-def test_compile_is_off_by_default(tiny_checkpoint):
+def test_the_library_encoder_is_eager_and_the_service_runs_onnx_by_default(tiny_checkpoint):
     loaded = load_checkpoint(tiny_checkpoint)
-    assert UserEncoder.from_loaded(loaded, torch.device("cpu"), torch.float32, 1024)._compile is False
+    encoder = UserEncoder.from_loaded(loaded, torch.device("cpu"), torch.float32, 1024)
+    encoder.warm_up([1])
+    assert encoder.runtime == "eager" and encoder._fast is None
+    assert UserServiceConfig(checkpoint=Path("x")).cpu_tower == "onnx"
 
 
 @pytest.mark.slow
 def test_real_torch_compile_matches_eager(tiny_checkpoint, tiny_model):
     loaded = load_checkpoint(tiny_checkpoint)
-    cpu = UserEncoder.from_loaded(loaded, torch.device("cpu"), torch.float32, 1024, compile_tower=True)
+    cpu = UserEncoder.from_loaded(loaded, torch.device("cpu"), torch.float32, 1024, cpu_tower="compile")
     cpu.warm_up([1])
-    assert cpu._compiled is not None
+    assert cpu._fast is not None
     for b in (1, 3, 5):
         users = [_user(i + 1, n=1 + 3 * i) for i in range(b)]
         torch.testing.assert_close(cpu.encode(users), _reference(tiny_model, users), atol=1e-5, rtol=1e-5)
@@ -381,9 +385,9 @@ def test_a_compiled_tower_failing_while_serving_falls_back_to_eager(tiny_checkpo
 
     monkeypatch.setattr(encoder_module, "CompiledUserTower", lambda model: _FakeCompiled(model, "eager"))
     loaded = load_checkpoint(tiny_checkpoint)
-    cpu = UserEncoder.from_loaded(loaded, torch.device("cpu"), torch.float32, 1024, compile_tower=True)
+    cpu = UserEncoder.from_loaded(loaded, torch.device("cpu"), torch.float32, 1024, cpu_tower="compile")
     cpu.warm_up([1])
-    cpu._compiled.mode = "raise"  # e.g. a recompile for a new batch size fails
+    cpu._fast.mode = "raise"  # e.g. a recompile for a new batch size fails
     users = [_user(1), _user(2, n=12), _user(3)]
     torch.testing.assert_close(cpu.encode(users), _reference(tiny_model, users), atol=1e-5, rtol=1e-5)
-    assert cpu._compiled is None
+    assert cpu._fast is None and cpu.runtime == "eager"
