@@ -13,7 +13,7 @@ import torch
 
 from shared.errors import InvalidInput
 from shared.model.config import TowerConfig
-from shared.model.hashing import hash_ids
+from shared.model.hashing import hash_many
 
 # History events per user context: user_service's --max-history-events and the gateway's default.
 DEFAULT_MAX_HISTORY_EVENTS = 1024
@@ -154,15 +154,19 @@ def featurize_users(
         author_ids[i, :n] = ctx.author_ids[kept]
         actions[i, :n] = ctx.actions[kept]
         surfaces[i, :n] = ctx.surfaces[kept]
+    user_hashes, feature_hashes, post_hashes, author_hashes = hash_many(
+        [
+            (user_ids, cfg.num_user_hashes, cfg.user_vocab_size),
+            (features, cfg.num_user_hashes, cfg.user_feature_vocab_size),
+            (post_ids, cfg.num_item_hashes, cfg.post_vocab_size),
+            (author_ids, cfg.num_author_hashes, cfg.author_vocab_size),
+        ]
+    )
     return UserFeatures(
-        user_hashes=torch.from_numpy(hash_ids(user_ids, cfg.num_user_hashes, cfg.user_vocab_size)),
-        user_feature_hashes=torch.from_numpy(
-            hash_ids(features, cfg.num_user_hashes, cfg.user_feature_vocab_size)
-        ),
-        history_post_hashes=torch.from_numpy(hash_ids(post_ids, cfg.num_item_hashes, cfg.post_vocab_size)),
-        history_author_hashes=torch.from_numpy(
-            hash_ids(author_ids, cfg.num_author_hashes, cfg.author_vocab_size)
-        ),
+        user_hashes=torch.from_numpy(user_hashes),
+        user_feature_hashes=torch.from_numpy(feature_hashes),
+        history_post_hashes=torch.from_numpy(post_hashes),
+        history_author_hashes=torch.from_numpy(author_hashes),
         history_actions=torch.from_numpy(actions),
         history_surfaces=torch.from_numpy(surfaces),
         history_mask=torch.from_numpy(post_ids != 0),
@@ -185,7 +189,13 @@ def featurize_items(post_ids: np.ndarray, author_ids: np.ndarray, cfg: TowerConf
     post_ids = np.asarray(post_ids, dtype=np.int64)
     author_ids = np.asarray(author_ids, dtype=np.int64)
     validate_item_ids(post_ids, author_ids)
+    post_hashes, author_hashes = hash_many(
+        [
+            (post_ids, cfg.num_item_hashes, cfg.post_vocab_size),
+            (author_ids, cfg.num_author_hashes, cfg.author_vocab_size),
+        ]
+    )
     return ItemFeatures(
-        post_hashes=torch.from_numpy(hash_ids(post_ids, cfg.num_item_hashes, cfg.post_vocab_size)),
-        author_hashes=torch.from_numpy(hash_ids(author_ids, cfg.num_author_hashes, cfg.author_vocab_size)),
+        post_hashes=torch.from_numpy(post_hashes),
+        author_hashes=torch.from_numpy(author_hashes),
     )

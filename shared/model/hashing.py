@@ -11,6 +11,8 @@ with uint64 arithmetic, exactly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 MERSENNE_61 = (1 << 61) - 1
@@ -48,9 +50,16 @@ def _reduce(s: np.ndarray) -> np.ndarray:
     return np.where(s >= _P, s - _P, s)
 
 
-def _mulmod(x: np.ndarray, a: int) -> np.ndarray:
-    """(x * a) mod p for uint64 x < p and int a < p, without overflow."""
-    a_hi, a_lo = np.uint64(a >> 31), np.uint64(a & ((1 << 31) - 1))
+# The constants as columns, so that every hash of every id is one vectorised pass.
+_A_HI = np.array([a >> 31 for a, _ in HASH_CONSTANTS], dtype=np.uint64)
+_A_LO = np.array([a & ((1 << 31) - 1) for a, _ in HASH_CONSTANTS], dtype=np.uint64)
+_B = np.array([b for _, b in HASH_CONSTANTS], dtype=np.uint64)
+_CHUNK = 4096  # ids per pass: [H, 4096] uint64 temporaries stay in the allocator's reused memory
+
+
+def _mulmod(x: np.ndarray, a_hi: np.ndarray, a_lo: np.ndarray) -> np.ndarray:
+    """(x * a) mod p for uint64 x < p and a = a_hi * 2**31 + a_lo < p, without overflow; x [1, N]
+    against a [H, 1] broadcasts to [H, N] (ids along the inner loops: numpy is slow over short ones)."""
     x_hi, x_lo = x >> np.uint64(31), x & _MASK31  # x_hi < 2**30, x_lo < 2**31
     # x*a = x_hi*a_hi*2**62 + (x_hi*a_lo + x_lo*a_hi)*2**31 + x_lo*a_lo, and 2**62 = 2 (mod p).
     high = (x_hi * a_hi) << np.uint64(1)  # < 2**61
@@ -63,19 +72,36 @@ def _mulmod(x: np.ndarray, a: int) -> np.ndarray:
 
 def hash_ids(ids: np.ndarray, num_hashes: int, vocab_size: int) -> np.ndarray:
     """Hash an int64 array of ids (each >= 0) to rows: shape [..., num_hashes], int64 in [0, vocab_size)."""
-    ids = np.asarray(ids)
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"ids must be integers, got {ids.dtype}")
-    if num_hashes > MAX_HASHES:
-        raise ValueError(f"at most {MAX_HASHES} hashes per id, got {num_hashes}")
-    if ids.size and ids.min() < 0:
-        raise ValueError("ids must be >= 0")
-    x = ids.astype(np.uint64) % _P
-    out = np.empty((*ids.shape, num_hashes), dtype=np.int64)
+    return hash_many([(ids, num_hashes, vocab_size)])[0]
+
+
+def hash_many(columns: Sequence[tuple[np.ndarray, int, int]]) -> list[np.ndarray]:
+    """`hash_ids` of several (ids, num_hashes, vocab_size) at once: the mod-p part, which does not
+    depend on the table, runs once over all the ids (a user's ids, features, posts and authors are
+    one pass of ~20 array ops, not one per table and hash)."""
+    arrays = []
+    for ids, num_hashes, _ in columns:
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"ids must be integers, got {ids.dtype}")
+        if num_hashes > MAX_HASHES:
+            raise ValueError(f"at most {MAX_HASHES} hashes per id, got {num_hashes}")
+        if ids.size and ids.min() < 0:
+            raise ValueError("ids must be >= 0")
+        arrays.append(ids)
+    h = max((n for _, n, _ in columns), default=0)
+    flat = np.concatenate([ids.reshape(-1) for ids in arrays]) if arrays else np.zeros(0, np.int64)
+    mod_p = np.empty((h, flat.size), dtype=np.uint64)  # [h, N], each < p
+    a_hi, a_lo, b = _A_HI[:h, None], _A_LO[:h, None], _B[:h, None]
     with np.errstate(over="ignore"):  # all products are bounded above; numpy cannot prove it
-        for j in range(num_hashes):
-            a, b = HASH_CONSTANTS[j]
-            h = _reduce(_mulmod(x, a) + np.uint64(b))
-            out[..., j] = (h % np.uint64(vocab_size - 1) + np.uint64(1)).astype(np.int64)
-    out[ids == 0] = 0
+        for lo in range(0, flat.size, _CHUNK):  # small temporaries: large ones are fresh pages each time
+            x = (flat[lo : lo + _CHUNK].astype(np.uint64) % _P)[None, :]  # [1, n]
+            mod_p[:, lo : lo + _CHUNK] = _reduce(_mulmod(x, a_hi, a_lo) + b)
+    out, start = [], 0
+    for ids, (_, num_hashes, vocab_size) in zip(arrays, columns, strict=True):
+        part = mod_p[:num_hashes, start : start + ids.size]
+        start += ids.size
+        rows = part % np.uint64(vocab_size - 1) + np.uint64(1)
+        rows[:, ids.reshape(-1) == 0] = 0
+        out.append(rows.T.astype(np.int64).reshape(*ids.shape, num_hashes))  # [..., num_hashes]
     return out

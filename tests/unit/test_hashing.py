@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.model.hashing import HASH_CONSTANTS, MERSENNE_61, hash_ids, hash_reference
+from shared.model.hashing import HASH_CONSTANTS, MAX_HASHES, MERSENNE_61, hash_ids, hash_many, hash_reference
 
 IDS = [1, 2, 42, 943, 1682, 10**9 + 7, 1_790_000_000_000_000_000, 2**63 - 1, MERSENNE_61, MERSENNE_61 + 5]
 
@@ -25,6 +25,28 @@ def test_matches_reference_on_random_64bit_ids():
     got = hash_ids(ids, num_hashes=4, vocab_size=65_536)
     for x, row in zip(ids.tolist(), got.tolist(), strict=True):
         assert row == [hash_reference(x, j, 65_536) for j in range(4)]
+
+
+def test_hash_many_is_each_column_hashed_alone_across_passes():
+    # several tables, hash counts and shapes in one call, more ids than one pass takes, padding ids
+    rng = np.random.default_rng(1)
+    columns = [
+        (rng.integers(0, 2**63 - 1, size=(3, 2500), dtype=np.int64), 2, 131_072),
+        (np.zeros((0, 4), dtype=np.int64), 3, 100),
+        (np.array([0, 7, 0, MERSENNE_61], dtype=np.int64), MAX_HASHES, 2),
+        (rng.integers(0, 50, size=(40, 16), dtype=np.int64), 1, 509),
+    ]
+    columns[0][0][1, 7] = 0
+    got = hash_many(columns)
+    for (ids, num_hashes, vocab), rows in zip(columns, got, strict=True):
+        assert rows.shape == (*ids.shape, num_hashes) and rows.dtype == np.int64
+        assert np.array_equal(rows, hash_ids(ids, num_hashes, vocab))
+        flat_ids, flat_rows = ids.reshape(-1), rows.reshape(-1, num_hashes)
+        for i in range(0, flat_ids.size, 97):  # a sample against the definition
+            assert flat_rows[i].tolist() == [
+                hash_reference(int(flat_ids[i]), j, vocab) for j in range(num_hashes)
+            ]
+    assert got[0][1, 7].tolist() == [0, 0] and got[2][0].tolist() == [0] * MAX_HASHES
 
 
 def test_zero_is_padding_and_range():
