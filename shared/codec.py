@@ -28,6 +28,7 @@ _BY_TORCH = {torch_dtype: code for code, (_, torch_dtype) in _FORMATS.items()}
 _BY_NUMPY = {np.dtype(np.float32): DType.DTYPE_FLOAT32, np.dtype(np.float16): DType.DTYPE_FLOAT16,
              np.dtype(np.int64): DType.DTYPE_INT64}  # fmt: skip
 _FLOATS = {DType.DTYPE_FLOAT32, DType.DTYPE_BFLOAT16, DType.DTYPE_FLOAT16}
+_BF16 = DType.DTYPE_BFLOAT16
 
 Shape = Sequence[int | None]  # None = any size in that dimension
 
@@ -107,6 +108,13 @@ def decode_numpy(
     dtypes: Sequence[int] | None = None,
     shape: Shape | None = None,
 ) -> np.ndarray:
-    """proto Tensor -> numpy array; bf16 is widened to float32 (numpy has no bfloat16)."""
-    tensor = decode_torch(msg, name, dtypes, shape)
-    return tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+    """proto Tensor -> numpy array (a copy, writable), validated; bf16 is widened to float32 (numpy
+    has no bfloat16)."""
+    if msg.dtype == _BF16:
+        return decode_torch(msg, name, dtypes, shape).float().numpy()
+    np_dtype = _check(msg, name, dtypes, shape)  # numpy only: 8 int64 columns of a UserBatch per call
+    values = np.frombuffer(msg.data, dtype=np_dtype).astype(np_dtype.newbyteorder("="), copy=True)
+    if msg.dtype in _FLOATS and not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).sum())
+        raise InvalidInput(f"tensor '{name}': {bad} non-finite values (NaN or infinity)")
+    return values.reshape(list(msg.shape))

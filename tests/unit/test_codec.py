@@ -42,6 +42,9 @@ def test_empty_and_writable():
     assert out.shape == (0, 4)
     full = codec.decode_torch(codec.encode(np.ones(3, dtype=np.float32)))
     full[0] = 2.0  # decoded tensors own their memory
+    array = codec.decode_numpy(codec.encode(np.arange(6, dtype=np.int64).reshape(2, 3)))
+    array[0, 0] = 7  # and so do decoded arrays
+    assert array.shape == (2, 3) and array.dtype == np.int64 and array.flags.writeable
 
 
 @pytest.mark.parametrize(
@@ -64,19 +67,21 @@ def test_empty_and_writable():
         (common_pb2.Tensor(dtype=BF16, shape=[-1], data=b""), {}, "negative dimension"),
     ],
 )
-def test_rejections_say_which(msg, kwargs, message):
+@pytest.mark.parametrize("decode", [codec.decode_torch, codec.decode_numpy])
+def test_rejections_say_which(msg, kwargs, message, decode):
     with pytest.raises(
         InvalidInput, match=r"tensor 'emb'.*" + message.replace("[", r"\[").replace("*", r"\*")
     ):
-        codec.decode_torch(msg, "emb", **kwargs)
+        decode(msg, "emb", **kwargs)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_non_finite_rejected(bad, dtype):
+@pytest.mark.parametrize("decode", [codec.decode_torch, codec.decode_numpy])
+def test_non_finite_rejected(bad, dtype, decode):
     msg = codec.encode(torch.tensor([1.0, bad, 2.0]).to(dtype))
-    with pytest.raises(InvalidInput, match="1 non-finite"):
-        codec.decode_torch(msg, "emb")
+    with pytest.raises(InvalidInput, match="tensor 'emb': 1 non-finite"):
+        decode(msg, "emb")
 
 
 def test_encode_refuses_unsupported_dtype():
