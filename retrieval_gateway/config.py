@@ -124,7 +124,7 @@ class GatewayConfig:
         default=1024, metadata=setting("queries waiting for scoring; beyond it calls get RESOURCE_EXHAUSTED")
     )
     max_user_calls_in_flight: int = field(
-        default=4,
+        default=2,
         metadata=setting(
             "EncodeUsers calls to user_service in flight at once, each carrying up to --max-batch-size users"
         ),
