@@ -23,6 +23,11 @@ TINY = dict(
 # the suite's services, in process and in subprocesses, share one cache of their own, never ~/.cache.
 os.environ["XDG_CACHE_HOME"] = _CACHE = tempfile.mkdtemp(prefix="twotower-tests-cache-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# An export costs seconds per model, and the suite's stacks use dozens of models: user_service processes
+# run the eager tower unless a test asks for the default with --cpu-tower onnx (the real-services and
+# end-to-end stacks, the rollout under load; in-process servers built from UserServiceConfig keep its
+# default), and tests/unit/test_onnx_tower.py covers the export itself.
+os.environ["USER_SERVICE_CPU_TOWER"] = "eager"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 INPUTS = ("user_rows", "history_rows", "actions", "surfaces", "mask")
 OUTPUT = "user_embedding"  # not "embedding": a name inside the exported graph
 MAX_BATCH = 1 << 16  # the exported batch dimension's upper bound (a forward pass is far smaller)
-_EXAMPLE_BATCH = 2  # an example batch of 1 would let the exporter specialise the dimension to 1
 
 
 def default_cache_dir() -> Path:
@@ -70,7 +69,8 @@ def _inputs(model: TwoTowerModel, features: UserFeatures) -> tuple[torch.Tensor,
 
 
 def export_dense_tower(model: TwoTowerModel, example: UserFeatures) -> bytes:
-    """The ONNX model (serialised ModelProto) of `UserTower.encode_rows`, batch dimension dynamic."""
+    """The ONNX model (serialised ModelProto) of `UserTower.encode_rows`, batch dimension dynamic.
+    `example` must hold at least 2 users: with 1 the exporter would fix the dimension to 1."""
     import warnings
 
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)

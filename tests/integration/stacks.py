@@ -32,7 +32,8 @@ def launch_stack(tmp_dir: Path, checkpoint: Path, items: Path) -> Iterator[tuple
         ]
         cand = ServiceProcess("candidate_service", cand_args, tmp_dir)
         started.append(cand)
-        user = ServiceProcess("user_service", ["--checkpoint", str(checkpoint)], tmp_dir)
+        user_args = ["--checkpoint", str(checkpoint), "--cpu-tower", "onnx"]  # the default, not the suite's
+        user = ServiceProcess("user_service", user_args, tmp_dir)
         started.append(user)
         cand.wait_serving(120)
         user.wait_serving(120)

@@ -181,7 +181,8 @@ def test_rollout_a_to_b_to_a_under_load_fails_no_request_and_keeps_every_write(
     stack = Stack(
         tmp_path, ckpt_a, write_items(tmp_path / "items.jsonl", range(1, ITEMS + 1)),
         candidate_args=["--metrics-port", str(ports["candidate"])],
-        user_args=["--state-file", str(tmp_path / "user_state.json"), "--metrics-port", str(ports["user"])],
+        user_args=["--state-file", str(tmp_path / "user_state.json"), "--metrics-port", str(ports["user"]),
+                   "--cpu-tower", "onnx"],
         gateway_args=["--metrics-port", str(ports["gateway"])],
     )  # fmt: skip
     reqs = requests()
