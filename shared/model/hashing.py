@@ -90,12 +90,13 @@ def hash_many(columns: Sequence[tuple[np.ndarray, int, int]]) -> list[np.ndarray
             raise ValueError("ids must be >= 0")
         arrays.append(ids)
     h = max((n for _, n, _ in columns), default=0)
-    flat = np.concatenate([ids.reshape(-1) for ids in arrays]) if arrays else np.zeros(0, np.int64)
+    # uint64 before joining: numpy joins int64 with uint64 as float64, which rounds ids above 2**53
+    flat = np.concatenate([ids.reshape(-1).astype(np.uint64) for ids in arrays] or [np.zeros(0, np.uint64)])
     mod_p = np.empty((h, flat.size), dtype=np.uint64)  # [h, N], each < p
     a_hi, a_lo, b = _A_HI[:h, None], _A_LO[:h, None], _B[:h, None]
     with np.errstate(over="ignore"):  # all products are bounded above; numpy cannot prove it
         for lo in range(0, flat.size, _CHUNK):  # small temporaries: large ones are fresh pages each time
-            x = (flat[lo : lo + _CHUNK].astype(np.uint64) % _P)[None, :]  # [1, n]
+            x = (flat[lo : lo + _CHUNK] % _P)[None, :]  # [1, n]
             mod_p[:, lo : lo + _CHUNK] = _reduce(_mulmod(x, a_hi, a_lo) + b)
     out, start = [], 0
     for ids, (_, num_hashes, vocab_size) in zip(arrays, columns, strict=True):

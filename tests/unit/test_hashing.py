@@ -37,6 +37,7 @@ def test_hash_many_is_each_column_hashed_alone_across_passes():
         (rng.integers(0, 50, size=(40, 16), dtype=np.int64), 1, 509),
     ]
     columns[0][0][1, 7] = 0
+    columns.append((np.array([2**64 - 1, 2**53 + 1, 3], dtype=np.uint64), 2, 1000))  # beside int64 columns
     got = hash_many(columns)
     for (ids, num_hashes, vocab), rows in zip(columns, got, strict=True):
         assert rows.shape == (*ids.shape, num_hashes) and rows.dtype == np.int64
