@@ -10,37 +10,40 @@ Only the part after the table lookups is exported (`UserTower.encode_rows`: the 
 weights): the tables stay in torch, read by `UserTower.lookup` (a few gathers), so ONNX Runtime holds
 no second copy of them and a model of any table size exports (protobuf's 2 GB limit never applies).
 
-The export (`torch.onnx.export`, dynamo, the batch dimension dynamic) takes ~7 s here, so the
-exported model is cached on disk, keyed by the checkpoint's fingerprint, the tower's dtype and the
-exporter's versions; a cached file that does not load is exported again. The cache is not data of
+The export (`torch.onnx.export`, dynamo, the batch dimension dynamic) takes ~7 s here and holds the
+GIL for most of it, so it runs in a child process (`user_service.onnx_export`: the server serves on
+meanwhile, e.g. the old model during a rollout's LoadModel), and the exported model is cached on
+disk, keyed by the checkpoint's fingerprint, the tower's dtype and the exporter's versions; a cached
+file that does not load is exported again. The cache is not data of
 record: losing it costs one export. UserEncoder checks the result against eager at warm-up and keeps
 eager serving on any failure.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import json
 import logging
 import os
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from shared.atomic_file import atomic_write
 from shared.model.features import UserFeatures
 from shared.model.towers import TwoTowerModel
+from user_service import onnx_export
+from user_service.onnx_export import INPUTS, OUTPUT
 
 logger = logging.getLogger(__name__)
 
-INPUTS = ("user_rows", "history_rows", "actions", "surfaces", "mask")
-OUTPUT = "user_embedding"  # not "embedding": a name inside the exported graph
-MAX_BATCH = 1 << 16  # the exported batch dimension's upper bound (a forward pass is far smaller)
+EXPORT_TIMEOUT_S = 600.0  # the child export (~10 s here): past this it is killed and eager serves
 
 
 def default_cache_dir() -> Path:
@@ -49,56 +52,53 @@ def default_cache_dir() -> Path:
     return Path(base) / "twotower" / "user-tower"
 
 
-class _DenseTower(nn.Module):
-    """The exported function: looked-up rows and the history's inputs -> [B, D] unit-norm embeddings."""
-
-    def __init__(self, model: TwoTowerModel) -> None:
-        super().__init__()
-        self.tower = model.user_tower
-
-    def forward(
-        self, user_rows: torch.Tensor, history_rows: torch.Tensor, actions: torch.Tensor,
-        surfaces: torch.Tensor, mask: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
-        return self.tower.encode_rows(user_rows, history_rows, actions, surfaces, mask)
-
-
 def _inputs(model: TwoTowerModel, features: UserFeatures) -> tuple[torch.Tensor, ...]:
     user_rows, history_rows = model.user_tower.lookup(model.tables, features)
     return user_rows, history_rows, features.history_actions, features.history_surfaces, features.history_mask
 
 
-def export_dense_tower(model: TwoTowerModel, example: UserFeatures) -> bytes:
-    """The ONNX model (serialised ModelProto) of `UserTower.encode_rows`, batch dimension dynamic.
-    `example` must hold at least 2 users: with 1 the exporter would fix the dimension to 1."""
-    import warnings
+def export_dense_tower(
+    model: TwoTowerModel, example: UserFeatures, timeout_s: float = EXPORT_TIMEOUT_S
+) -> bytes:
+    """The ONNX model (serialised ModelProto) of `UserTower.encode_rows`, batch dimension dynamic,
+    exported by a child process (`user_service.onnx_export`: the exporter holds the GIL for seconds).
+    `example` must hold at least 2 users. Raises RuntimeError when the child fails or times out."""
+    from safetensors.torch import save_file
 
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    with torch.no_grad(), warnings.catch_warnings(), _quiet(_EXPORTER_LOGGERS):
-        warnings.simplefilter("ignore")  # the exporter's notes on unused axis names and deprecations
-        program = torch.onnx.export(
-            _DenseTower(model).eval(), _inputs(model, example), input_names=list(INPUTS),
-            output_names=[OUTPUT], dynamic_shapes={name: {0: batch} for name in INPUTS}, dynamo=True,
-            optimize=True, verbose=False,
-        )  # fmt: skip
-    return program.model_proto.SerializeToString()
+    with torch.inference_mode():
+        inputs = _inputs(model, example)
+    tensors = {
+        onnx_export.TOWER_PREFIX + k: v.detach().contiguous()
+        for k, v in model.user_tower.state_dict().items()
+    }
+    tensors.update(
+        {onnx_export.INPUT_PREFIX + n: t.contiguous() for n, t in zip(INPUTS, inputs, strict=True)}
+    )
+    with tempfile.TemporaryDirectory(prefix="twotower-onnx-") as tmp:
+        workdir = Path(tmp)
+        (workdir / onnx_export.CONFIG_FILE).write_text(json.dumps(model.config.to_dict()))
+        save_file(tensors, workdir / onnx_export.INPUTS_FILE)
+        _run_child(_child_command(workdir), timeout_s)
+        return (workdir / onnx_export.OUTPUT_FILE).read_bytes()
 
 
-# The exporter's own loggers: a line per graph rewrite at INFO, optional torchvision ops at WARNING.
-_EXPORTER_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx")
+def _child_command(workdir: Path) -> list[str]:
+    return [sys.executable, "-m", "user_service.onnx_export", str(workdir)]
 
 
-@contextlib.contextmanager
-def _quiet(names: tuple[str, ...]) -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [log.level for log in loggers]
-    for log in loggers:
-        log.setLevel(logging.ERROR)
+def _run_child(command: list[str], timeout_s: float) -> None:
+    """Run the export child to completion (its output kept for the error), or kill it at the timeout."""
+    root = str(Path(onnx_export.__file__).resolve().parents[1])  # where user_service/ and shared/ live
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     try:
-        yield
-    finally:
-        for log, level in zip(loggers, levels, strict=True):
-            log.setLevel(level)
+        done = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired:  # subprocess.run has killed it
+        raise RuntimeError(f"the ONNX export did not finish in {timeout_s:.0f} s; killed") from None
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"the ONNX export failed (exit status {done.returncode}): {tail}")
 
 
 def cache_key(fingerprint: str, dtype: torch.dtype) -> str:

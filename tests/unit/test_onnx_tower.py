@@ -5,6 +5,7 @@ its bytes."""
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from shared.model.checkpoint import load_checkpoint, random_model, save_checkpoi
 from shared.model.config import TowerConfig
 from shared.model.features import UserContext, featurize_users
 from tests.conftest import TINY
-from user_service import onnx_tower
+from user_service import onnx_export, onnx_tower
 from user_service.encoder import UserEncoder
 from user_service.onnx_tower import OnnxUserTower, cache_key
 
@@ -70,13 +71,42 @@ def test_onnx_tower_equals_eager_at_any_batch_size(exported, tmp_path, reuse_exp
         torch.testing.assert_close(out, _eager(model, contexts), atol=1e-5, rtol=1e-5)
 
 
-def test_a_model_without_user_features_exports_too(tmp_path):
+def test_a_model_without_user_features_exports_too_in_a_child_process(tmp_path, monkeypatch):
     model = random_model(TowerConfig(**TINY), seed=4).eval()  # no user-feature table at all
     assert model.tables.user_feature is None
     contexts = [UserContext.build(9, post_ids=[3, 4], actions=[[1], [2, 5]]), UserContext.build(3)]
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("exported in the server's own process (holding its GIL for seconds)")
+
+    monkeypatch.setattr(torch.onnx, "export", not_here)  # in this process only: the child has its own
     tower = OnnxUserTower(model, FINGERPRINT, featurize_users(contexts, model.config), None, 1)
     out = tower.encode_users(featurize_users(contexts, model.config))
     torch.testing.assert_close(out, _eager(model, contexts), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("child", ["fails", "hangs"])
+def test_an_export_child_that_fails_or_hangs_raises_with_its_reason(exported, monkeypatch, child):
+    script = {
+        "fails": "import sys; sys.stderr.write('exporter: unsupported op aten::foo'); sys.exit(3)",
+        "hangs": "import time; time.sleep(120)",
+    }[child]
+    monkeypatch.setattr(onnx_tower, "_child_command", lambda workdir: [sys.executable, "-c", script])
+    model, _ = exported
+    expected = (
+        r"\(exit status 3\): exporter: unsupported op aten::foo"
+        if child == "fails"
+        else "did not finish in 2 s"
+    )
+    with pytest.raises(RuntimeError, match=expected):
+        onnx_tower.export_dense_tower(model, featurize_users(_users(2), model.config), timeout_s=2)
+
+
+def test_the_export_child_reports_bad_input_with_a_status(tmp_path):
+    (tmp_path / onnx_export.CONFIG_FILE).write_text('{"emb_dim": 8, "no_such_field": 1}')
+    with pytest.raises(ValueError, match="unknown TowerConfig fields: no_such_field"):
+        onnx_export.main([str(tmp_path)])
+    assert onnx_export.main([]) == 2  # usage
 
 
 def test_the_export_is_cached_per_fingerprint_and_reused(exported, tmp_path, reuse_export):
