@@ -159,6 +159,13 @@ def _exact_topk(
     score = _scorer(q, matrix.dtype, upcast_rows, fused_gemv and batch == 1 and device.type == "cpu", gemm,
                     query_terms)  # fmt: skip
     starts = list(range(0, n, chunk))
+    if len(starts) == 1:  # a small corpus: one product, masks set directly, no merge
+        scores = score(matrix)
+        ChunkMasks.fill_all(scores, masked_rows, exclude)
+        best_s, best_r = chunk_topk(scores, kk, ties)
+        if _has_ties(best_s):  # topk orders by score only: equal scores must rank by tie id
+            best_s, best_r = lex_top(best_s, best_r, ties[best_r], kk)
+        return best_s, best_r.masked_fill(best_s == float("-inf"), -1)
     deleted = ChunkMasks.of_rows(masked_rows, n, starts, device)
     excluded = ChunkMasks.of_pairs(exclude, n, starts, device)
     for i, start in enumerate(starts):
@@ -174,6 +181,11 @@ def _exact_topk(
         best_s, best_r = lex_top(cand_s, cand_r, ties[cand_r], kk)
     best_r = best_r.masked_fill(best_s == float("-inf"), -1)
     return best_s, best_r
+
+
+def _has_ties(scores: torch.Tensor) -> bool:
+    """Whether any row of scores [B, K] (descending) holds two equal neighbours (reads the device)."""
+    return scores.shape[1] > 1 and bool((scores[:, 1:] == scores[:, :-1]).any())
 
 
 def _scorer(

@@ -39,6 +39,24 @@ class ChunkMasks:
         sorted_rows, order = rows.sort()
         return cls(_upload(qi[order], device), _upload(sorted_rows, device), _bounds(sorted_rows, n, starts))
 
+    @staticmethod
+    def fill_all(
+        scores: torch.Tensor,
+        masked_rows: torch.Tensor | None,
+        exclude: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        """Without chunks (scores [B, n] of the whole matrix, contiguous): set the deleted rows'
+        columns and the excluded (query, row) cells to -inf, without sorting or cutting anything.
+        Rows outside [0, n) are ignored, as with chunks."""
+        n = scores.shape[1]
+        if masked_rows is not None and masked_rows.numel():
+            rows = masked_rows.to(scores.device).flatten()
+            scores.index_fill_(1, rows[(rows >= 0) & (rows < n)], float("-inf"))
+        if exclude is not None and exclude[1].numel():
+            qi, rows = (t.to(scores.device).flatten() for t in exclude)
+            inside = (rows >= 0) & (rows < n)
+            scores.view(-1).index_fill_(0, qi[inside] * n + rows[inside], float("-inf"))
+
     def fill(self, scores: torch.Tensor, chunk_index: int, start: int) -> None:
         """Set this chunk's cells of scores [B, c] (any strides, rows chunk-local) to -inf."""
         if self.rows is None:

@@ -53,6 +53,19 @@ def test_matches_brute_force_with_masks_and_exclusions(max_elements, k):
     check(got, reference(queries, matrix, k, valid, exclude))
 
 
+@pytest.mark.parametrize("max_elements", [1 << 24, 64])  # one chunk (masks set directly), several
+def test_masks_and_exclusions_outside_the_matrix_are_ignored(max_elements):
+    rng = np.random.default_rng(5)
+    matrix, queries = unit(rng, 50, 8), unit(rng, 3, 8)
+    masked = torch.tensor([-1, 3, 50, 10_000])  # only row 3 is in the matrix
+    exclude = (torch.tensor([0, 1, 2, 2]), torch.tensor([7, -5, 50, 9]))  # only (0, 7) and (2, 9)
+    got = exact_topk(torch.from_numpy(queries), torch.from_numpy(matrix), 10, masked_rows=masked,
+                     exclude=exclude, max_score_elements=max_elements)  # fmt: skip
+    valid = np.ones(50, bool)
+    valid[3] = False
+    check(got, reference(queries, matrix, 10, valid, (np.array([0, 2]), np.array([7, 9]))))
+
+
 def test_k_larger_than_corpus_and_everything_masked():
     rng = np.random.default_rng(0)
     matrix, queries = unit(rng, 10, 8), unit(rng, 2, 8)
