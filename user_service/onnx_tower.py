@@ -7,8 +7,9 @@ fused kernels and no per-op Python. Unlike torch.compile (`--cpu-tower compile`)
 compiler and exports in seconds, not a minute, so it is the default on CPU (docs/decisions.md).
 
 Only the part after the table lookups is exported (`UserTower.encode_rows`: the tower's own small
-weights): the tables stay in torch, read by `UserTower.lookup` (a few gathers), so ONNX Runtime holds
-no second copy of them and a model of any table size exports (protobuf's 2 GB limit never applies).
+weights): the tables stay in torch's tensors, read through numpy views (`_NumpyTables`, the gathers
+of `UserTower.lookup`), so ONNX Runtime holds no second copy of them and a model of any table size
+exports (protobuf's 2 GB limit never applies).
 
 The export (`torch.onnx.export`, dynamo, the batch dimension dynamic) takes ~7 s here and holds the
 GIL for most of it, so it runs in a child process (`user_service.onnx_export`: the server serves on
@@ -119,7 +120,6 @@ class OnnxUserTower:
         self, model: TwoTowerModel, fingerprint: str, example: UserFeatures, cache_dir: Path | None,
         max_threads: int,
     ) -> None:  # fmt: skip
-        self._model = model
         self._thread_counts = sorted({1, max(1, max_threads)})
         dtype = next(model.parameters()).dtype
         path = None if cache_dir is None else cache_dir / f"{cache_key(fingerprint, dtype)}.onnx"
@@ -136,6 +136,7 @@ class OnnxUserTower:
                     logger.warning("user tower: cannot cache the ONNX model at %s (%s)", path, exc)
         self._sessions = sessions
         self.threads = max(sessions)
+        self._tables = _NumpyTables(model)
 
     def _from_cache(self, path: Path) -> dict[int, Any] | None:
         try:
@@ -165,8 +166,46 @@ class OnnxUserTower:
     def encode_users(self, features: UserFeatures, threads: int = 1) -> torch.Tensor:
         """[B, D] embeddings on the cpu; `threads` picks the session (1, or the most allowed)."""
         session = self._sessions[1 if threads <= 1 else self.threads]
-        with torch.inference_mode():
-            inputs = _inputs(self._model, features)
-        feeds = {name: t.numpy() for name, t in zip(INPUTS, inputs, strict=True)}
-        (out,) = session.run([OUTPUT], feeds)
+        user_rows, history_rows = self._tables.lookup(features)
+        f = features
+        inputs = (
+            user_rows,
+            history_rows,
+            f.history_actions.numpy(),
+            f.history_surfaces.numpy(),
+            f.history_mask.numpy(),
+        )
+        (out,) = session.run([OUTPUT], dict(zip(INPUTS, inputs, strict=True)))
         return torch.from_numpy(np.asarray(out))
+
+
+class _NumpyTables:
+    """`UserTower.lookup` in numpy, over views of the model's own tables (no copy): the same rows in
+    the same layout, without torch's per-op dispatch (one MovieLens user 0.13 -> 0.04 ms, 64 users of
+    the default model 8.6 -> 6.5 ms). UserEncoder's warm-up checks the whole tower against eager."""
+
+    def __init__(self, model: TwoTowerModel) -> None:
+        t = model.tables
+        self.user, self.post, self.author = (
+            table.weight.detach().numpy() for table in (t.user, t.post, t.author)
+        )
+        self.user_feature = None if t.user_feature is None else t.user_feature.weight.detach().numpy()
+
+    @staticmethod
+    def _rows(weight: np.ndarray, hashes: torch.Tensor) -> np.ndarray:
+        """hashes [..., H] -> [..., H*D], the H rows side by side; hash 0 (padding) is a zero row."""
+        h = hashes.numpy()
+        rows = weight[h]  # [..., H, D]
+        rows[h == 0] = 0.0
+        return rows.reshape(*h.shape[:-1], -1)
+
+    def lookup(self, f: UserFeatures) -> tuple[np.ndarray, np.ndarray]:
+        user = [self._rows(self.user, f.user_hashes)]  # [B, Hu*D]
+        if self.user_feature is not None:
+            per_feature = self._rows(self.user_feature, f.user_feature_hashes)  # [B, F, Hu*D]
+            user.append(per_feature.reshape(per_feature.shape[0], -1))
+        history = [
+            self._rows(self.post, f.history_post_hashes),
+            self._rows(self.author, f.history_author_hashes),
+        ]
+        return np.concatenate(user, axis=-1), np.concatenate(history, axis=-1)
