@@ -16,9 +16,9 @@ from threadpoolctl import ThreadpoolController
 
 from retrieval_gateway.topk_chunks import ChunkMasks, chunk_topk, lex_top
 
-# A single query's scores come from numpy's BLAS (see _gemv). OpenBLAS's own thread pool, next to
+# A single query's scores come from numpy's BLAS (see gemv). OpenBLAS's own thread pool, next to
 # torch's OpenMP threads, made the scan 1.5-5x slower (both spin for the cores between calls): it
-# computes in the calling thread, and _gemv splits the rows between threads itself.
+# computes in the calling thread, and gemv splits the rows between threads itself.
 ThreadpoolController().select(internal_api="openblas").limit(limits=1)
 
 _LOWEST = torch.finfo(torch.float32).min
@@ -26,13 +26,16 @@ _BLOCK = 64  # rows per block of the CPU scan's gather filter
 # The CPU scan's buffer columns: up to _NARROW queries as they are, more padded to a multiple of
 # _WIDTH (torch's amax over rows is vectorised for 32 columns, ~15x slower for 16 or 24).
 _NARROW, _WIDTH = 8, 32
-# The gathering CPU scan pays from about 400-500k rows, whatever the batch; below, its extra chunks
-# and ops cost more than they save (docs/decisions.md, "CPU scan").
+# The gathering CPU scan pays from about 400-500k rows for a batch; below, its extra chunks and ops
+# cost more than they save (docs/decisions.md, "CPU scan"). A single query, whose product is a gemv
+# either way, keeps the plain loop (one gemv, one top-k) up to 1M rows: 400k x 64 7.5-8.2 ms against
+# 11.1-12.8 in the scan, 1M about even (20-26 ms both).
 _SCAN_MIN_ROWS = 400_000
+_SCAN_MIN_ROWS_ONE_QUERY = 1_000_000
 
 
-def scan_pays(n: int) -> bool:
-    return n >= _SCAN_MIN_ROWS
+def scan_pays(n: int, batch: int) -> bool:
+    return n >= (_SCAN_MIN_ROWS_ONE_QUERY if batch == 1 else _SCAN_MIN_ROWS)
 
 
 def cpu_scan(
@@ -57,7 +60,7 @@ def cpu_scan(
     is gathered; the merge orders by (score desc, tie asc). Where too many blocks pass (the first
     chunk, scores that rise with the row), the chunk takes the full top-k path instead.
 
-    A single query's product runs in numpy's BLAS (see _gemv) on as many threads as the caller's
+    A single query's product runs in numpy's BLAS (see gemv) on as many threads as the caller's
     torch count, and what is left for torch is element-wise work over the scores: torch runs it on
     one thread (waking a second cost more: 1M x 64 took 25-28 ms with two, 20.6 with one), and the
     caller's count is restored after."""
@@ -129,9 +132,9 @@ def _rows_times(
 ) -> None:
     """out [c, B] (rows may be strided) = block [c, D] @ qt [D, B] in fp32; reduced-precision rows
     are widened a cache-sized slice at a time (the scores keep fp32 resolution). A single query by
-    _gemv."""
+    gemv."""
     if qt.shape[1] == 1:
-        _gemv(block, qt[:, 0].numpy(), out[:, 0].numpy(), upcast_rows, threads)
+        gemv(block, qt[:, 0].numpy(), out[:, 0].numpy(), upcast_rows, threads)
     elif block.dtype == torch.float32:
         torch.mm(block, qt, out=out)
     else:
@@ -146,7 +149,7 @@ _gemv_pool: ThreadPoolExecutor | None = None
 _gemv_pool_lock = threading.Lock()
 
 
-def _gemv(rows: torch.Tensor, q: np.ndarray, out: np.ndarray, upcast_rows: int, threads: int) -> None:
+def gemv(rows: torch.Tensor, q: np.ndarray, out: np.ndarray, upcast_rows: int, threads: int) -> None:
     """out [c] = rows [c, D] @ q [D] by numpy's BLAS, the rows split between up to `threads` threads
     (this one and pool workers; np.dot releases the GIL), each widening its own reduced-precision
     slices.

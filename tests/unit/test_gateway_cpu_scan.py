@@ -112,9 +112,11 @@ def test_bf16_storage_scores_in_fp32():
 def test_exact_topk_takes_the_scan_for_large_corpora_only(monkeypatch):
     calls = []
     monkeypatch.setattr(topk, "cpu_scan", lambda *a: calls.append(a) or (torch.empty(0), torch.empty(0)))
-    assert not scan_pays(1682) and not scan_pays(100_000)
-    assert scan_pays(1_000_000)
+    assert not scan_pays(1682, 32) and not scan_pays(100_000, 32)
+    assert scan_pays(400_000, 2) and scan_pays(1_000_000, 32)
+    assert not scan_pays(400_000, 1) and scan_pays(1_000_000, 1)  # one query: a gemv either way
     exact_topk(torch.zeros(1, 4), torch.zeros(1682, 4), 10)
+    exact_topk(torch.zeros(1, 4), torch.zeros(400_000, 4), 10)
     assert not calls
     exact_topk(torch.zeros(32, 4), torch.zeros(1_000_000, 4), 10)
     assert len(calls) == 1

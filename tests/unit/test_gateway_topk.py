@@ -1,5 +1,7 @@
 """exact_topk against a brute-force numpy reference: masks, exclusions, chunking, ties, bf16."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -39,17 +41,18 @@ def check(got, want):
 
 @pytest.mark.parametrize("max_elements", [1 << 24, 700, 64])  # one chunk, several, chunk == k
 @pytest.mark.parametrize("k", [1, 7, 64])
-def test_matches_brute_force_with_masks_and_exclusions(max_elements, k):
+@pytest.mark.parametrize("batch", [1, 5])  # one query: scored by a gemv (topk_cpu.gemv)
+def test_matches_brute_force_with_masks_and_exclusions(max_elements, k, batch):
     rng = np.random.default_rng(k)
-    matrix, queries = unit(rng, 300, 16), unit(rng, 5, 16)
+    matrix, queries = unit(rng, 300, 16), unit(rng, batch, 16)
     valid = rng.random(300) > 0.2
-    exclude = (rng.integers(0, 5, 200), rng.integers(0, 300, 200))
+    exclude = (rng.integers(0, batch, 200), rng.integers(0, 300, 200))
     masked = torch.from_numpy(np.flatnonzero(~valid))
     got = exact_topk(
         torch.from_numpy(queries), torch.from_numpy(matrix), k, masked_rows=masked,
         exclude=tuple(torch.from_numpy(a) for a in exclude), max_score_elements=max_elements,
     )  # fmt: skip
-    assert got[0].shape == (5, k)
+    assert got[0].shape == (batch, k)
     check(got, reference(queries, matrix, k, valid, exclude))
 
 
@@ -93,10 +96,10 @@ def test_ties_rank_by_ascending_tie_id_even_at_the_cut(max_elements):
     matrix = basis[rng.integers(0, 3, 40)]
     tie_ids = rng.permutation(1000)[:40].astype(np.int64) + 1  # post ids, unrelated to row order
     queries = np.array([[1.0, 0.5, 0.25, 0.0], [0.0, 0.0, 0.0, 1.0]], np.float32)  # 2nd: all scores 0
-    for k in (1, 5, 13, 40):
-        got = exact_topk(torch.from_numpy(queries), torch.from_numpy(matrix), k,
+    for k, qs in itertools.product((1, 5, 13, 40), (queries, queries[:1], queries[1:])):  # B = 2, 1, 1
+        got = exact_topk(torch.from_numpy(qs), torch.from_numpy(matrix), k,
                          tie_ids=torch.from_numpy(tie_ids), max_score_elements=max_elements)  # fmt: skip
-        check(got, reference(queries, matrix, k, tie_ids=tie_ids))
+        check(got, reference(qs, matrix, k, tie_ids=tie_ids))
 
 
 def test_bf16_storage_scores_in_fp32():
