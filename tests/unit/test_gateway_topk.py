@@ -151,9 +151,10 @@ def test_cuda_matches_cpu():
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 7])
-def test_product_paths_equal_the_plain_matmul(batch):
+@pytest.mark.parametrize("n", [1000, 40_000])  # short and tall matrices take different products
+def test_product_paths_equal_the_plain_matmul(batch, n):
     g = torch.Generator().manual_seed(batch)
-    q, rows = torch.randn(batch, 16, generator=g), torch.randn(1000, 16, generator=g)
+    q, rows = torch.randn(batch, 16, generator=g), torch.randn(n, 16, generator=g)
     got = _product(q, rows)
-    assert got.shape == (batch, 1000) and got.is_contiguous()
+    assert got.shape == (batch, n) and got.is_contiguous()
     torch.testing.assert_close(got, q @ rows.T, atol=1e-5, rtol=1e-5)
