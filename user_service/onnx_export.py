@@ -1,10 +1,11 @@
 """The ONNX export of the user tower's dense part, run in a child process. No grpc import.
 
-    python -m user_service.onnx_export WORKDIR
+    python -m user_service.onnx_export WORKDIR [PARENT_PID]
 
 WORKDIR holds what `user_service.onnx_tower.export_dense_tower` wrote: `config.json` (TowerConfig),
 `inputs.safetensors` (the user tower's weights under "tower.", example inputs under "input.") and
-receives `tower.onnx`. Exit status 0 when the file is written.
+receives `tower.onnx`. Exit status 0 when the file is written. With PARENT_PID (the server's), the
+child exits, removing WORKDIR, once that process is gone.
 
 Why a child: `torch.onnx.export` is seconds of Python (tracing, graph rewrites) that holds the GIL
 for most of it. Run inside a serving user_service (a LoadModel during a rollout) it would stall
@@ -18,7 +19,10 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,14 +101,31 @@ def export_workdir(workdir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m user_service.onnx_export WORKDIR", file=sys.stderr)
+    if len(args) not in (1, 2) or not all(a.isdigit() for a in args[1:]):
+        print("usage: python -m user_service.onnx_export WORKDIR [PARENT_PID]", file=sys.stderr)
         return 2
+    workdir = Path(args[0])
+    if len(args) == 2:
+        _exit_with_parent(int(args[1]), workdir)
     with contextlib.suppress(OSError, AttributeError):  # not on every platform
         os.nice(NICENESS)
     torch.set_num_threads(1)  # the server's cores are busy serving
-    export_workdir(Path(args[0]))
+    export_workdir(workdir)
     return 0
+
+
+def _exit_with_parent(parent: int, workdir: Path, poll_s: float = 0.5) -> None:
+    """A server that dies (SIGKILL, a crash) while its export runs leaves no orphan behind: once this
+    process is no longer its child (re-parented, maybe before this runs), it removes the work
+    directory its parent can no longer remove and exits."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        shutil.rmtree(workdir, ignore_errors=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

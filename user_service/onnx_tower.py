@@ -64,6 +64,16 @@ def export_dense_tower(
     """The ONNX model (serialised ModelProto) of `UserTower.encode_rows`, batch dimension dynamic,
     exported by a child process (`user_service.onnx_export`: the exporter holds the GIL for seconds).
     `example` must hold at least 2 users. Raises RuntimeError when the child fails or times out."""
+    with tempfile.TemporaryDirectory(prefix="twotower-onnx-") as tmp:
+        workdir = Path(tmp)
+        write_workdir(model, example, workdir)
+        _run_child(_child_command(workdir), timeout_s)
+        return (workdir / onnx_export.OUTPUT_FILE).read_bytes()
+
+
+def write_workdir(model: TwoTowerModel, example: UserFeatures, workdir: Path) -> None:
+    """What the export child reads (user_service.onnx_export): the config, the user tower's weights
+    and the example's inputs to the dense part."""
     from safetensors.torch import save_file
 
     with torch.inference_mode():
@@ -75,16 +85,13 @@ def export_dense_tower(
     tensors.update(
         {onnx_export.INPUT_PREFIX + n: t.contiguous() for n, t in zip(INPUTS, inputs, strict=True)}
     )
-    with tempfile.TemporaryDirectory(prefix="twotower-onnx-") as tmp:
-        workdir = Path(tmp)
-        (workdir / onnx_export.CONFIG_FILE).write_text(json.dumps(model.config.to_dict()))
-        save_file(tensors, workdir / onnx_export.INPUTS_FILE)
-        _run_child(_child_command(workdir), timeout_s)
-        return (workdir / onnx_export.OUTPUT_FILE).read_bytes()
+    (workdir / onnx_export.CONFIG_FILE).write_text(json.dumps(model.config.to_dict()))
+    save_file(tensors, workdir / onnx_export.INPUTS_FILE)
 
 
 def _child_command(workdir: Path) -> list[str]:
-    return [sys.executable, "-m", "user_service.onnx_export", str(workdir)]
+    """The export child, told this process's pid: it exits (removing workdir) if this one dies."""
+    return [sys.executable, "-m", "user_service.onnx_export", str(workdir), str(os.getpid())]
 
 
 def _run_child(command: list[str], timeout_s: float) -> None:

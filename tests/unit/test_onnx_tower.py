@@ -5,7 +5,10 @@ its bytes."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,11 +105,51 @@ def test_an_export_child_that_fails_or_hangs_raises_with_its_reason(exported, mo
         onnx_tower.export_dense_tower(model, featurize_users(_users(2), model.config), timeout_s=2)
 
 
+def _running(pid: int) -> bool:
+    """Whether pid is a live process (an exited one may linger as a zombie until reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_the_export_child_exits_and_cleans_up_when_its_server_dies(exported, tmp_path):
+    model, _ = exported
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    onnx_tower.write_workdir(model, featurize_users(_users(2), model.config), workdir)
+    # A stand-in server: starts the export child as onnx_tower does, says its pid, waits to be killed.
+    server_script = (
+        "import os, subprocess, sys, time\n"
+        "command = [sys.executable, '-m', 'user_service.onnx_export', sys.argv[1], str(os.getpid())]\n"
+        "print(subprocess.Popen(command).pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    root = str(Path(onnx_export.__file__).resolve().parents[1])
+    server = subprocess.Popen(
+        [sys.executable, "-c", server_script, str(workdir)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": root},
+    )  # fmt: skip
+    try:
+        child = int(server.stdout.readline())
+    finally:
+        server.kill()  # SIGKILL: the server cannot clean anything up itself
+        server.wait(timeout=10)
+    deadline = time.monotonic() + 60  # the child's imports, then its half-second watch
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(child), "the export child outlived its server"
+    assert not workdir.exists()  # removed by the child: nobody else would
+
+
 def test_the_export_child_reports_bad_input_with_a_status(tmp_path):
     (tmp_path / onnx_export.CONFIG_FILE).write_text('{"emb_dim": 8, "no_such_field": 1}')
     with pytest.raises(ValueError, match="unknown TowerConfig fields: no_such_field"):
         onnx_export.main([str(tmp_path)])
     assert onnx_export.main([]) == 2  # usage
+    assert onnx_export.main([str(tmp_path), "not-a-pid"]) == 2
 
 
 def test_the_export_is_cached_per_fingerprint_and_reused(exported, tmp_path, reuse_export):
