@@ -171,12 +171,32 @@ def gemv(rows: torch.Tensor, q: np.ndarray, out: np.ndarray, upcast_rows: int, t
 
 def _gemv_part(rows: torch.Tensor, q: np.ndarray, out: np.ndarray, upcast_rows: int) -> None:
     if rows.dtype == torch.float32:
-        np.dot(rows.numpy(), q, out=out)
+        _dot_rows(rows.numpy(), q, out)
         return
     wide = torch.empty(min(upcast_rows, rows.shape[0]), rows.shape[1])
     for a in range(0, rows.shape[0], upcast_rows):
         part = wide[: min(upcast_rows, rows.shape[0] - a)].copy_(rows[a : a + upcast_rows])
-        np.dot(part.numpy(), q, out=out[a : a + part.shape[0]])
+        _dot_rows(part.numpy(), q, out[a : a + part.shape[0]])
+
+
+# OpenBLAS's gemv computes a call's rows in groups (of 4 on this machine) and the last c mod 4 with
+# another kernel that rounds differently, so a row's score would depend on where it sits in the call:
+# a shard (a subset of the rows) and the unsharded gateway would disagree in the last bit. Calls
+# cover multiples of this many rows (the tail padded with zero rows): every row is computed by the
+# same kernel, wherever the call starts.
+_GEMV_ALIGN = 16
+
+
+def _dot_rows(rows: np.ndarray, q: np.ndarray, out: np.ndarray) -> None:
+    """out [c] = rows [c, D] @ q [D], each row's score the same float wherever it sits (_GEMV_ALIGN)."""
+    c = rows.shape[0]
+    main = c - c % _GEMV_ALIGN
+    if main:
+        np.dot(rows[:main], q, out=out[:main])
+    if main < c:
+        tail = np.zeros((_GEMV_ALIGN, rows.shape[1]), np.float32)
+        tail[: c - main] = rows[main:]
+        out[main:] = np.dot(tail, q)[: c - main]
 
 
 def _pool() -> ThreadPoolExecutor:

@@ -259,12 +259,12 @@ def assert_same_answer(want, got, request) -> None:
     the same order with the same author ids, attributes and scores, bit for bit.
 
     Exact because every product here is one query against the rows it scores (B = 1: each client sends
-    one request at a time) on one intra-op thread: a row's score is then the same float whether the row
-    sits in the whole corpus or in a shard's slice (no answer of 2 routers x 1,200 differed in any run
-    while this test was written). It would not be in general: CPU GEMM kernels round differently for
-    B = 1, 2 and >= 4 queries, and a multi-threaded GEMV splits rows at other places in a smaller
-    matrix, so a score may move by an ulp and two near-equal items may swap. Such a failure is reported
-    as what it is (FP_NOTE), not hidden by a tolerance."""
+    one request at a time), a BLAS gemv that computes every row alike wherever it sits (topk_cpu pads
+    the few last rows that BLAS would round with another kernel): a row's score is then the same float
+    in the whole corpus and in a shard's slice. It would not be in general: CPU GEMM kernels round
+    differently for B = 1, 2 and >= 4 queries, so with concurrent clients a score may move by an ulp
+    and two near-equal items may swap. Such a failure is reported as what it is (FP_NOTE), not hidden
+    by a tolerance."""
     a, b = rows(want), rows(got)
     if a == b:
         return

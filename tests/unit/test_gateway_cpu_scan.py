@@ -11,7 +11,7 @@ import torch
 
 from retrieval_gateway import topk, topk_cpu
 from retrieval_gateway.topk import exact_topk
-from retrieval_gateway.topk_cpu import cpu_scan, scan_pays
+from retrieval_gateway.topk_cpu import cpu_scan, gemv, scan_pays
 from tests.unit.test_gateway_topk import check, reference, unit
 
 
@@ -161,3 +161,19 @@ def test_inputs_that_require_grad_are_scored_without_autograd():
         q = torch.from_numpy(queries[:batch]).requires_grad_()
         got = scan(q, torch.from_numpy(matrix).requires_grad_(), 5, max_elements=512 * 3)
         check(got, reference(queries[:batch], matrix, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_single_querys_score_of_a_row_does_not_depend_on_where_the_row_sits(dtype, threads):
+    # A shard scores a subset of the rows, at other positions: its scores must be the unsharded
+    # gateway's bit for bit (BLAS kernels round a call's last few rows differently, see _dot_rows).
+    rng = np.random.default_rng(7)
+    matrix = torch.from_numpy(unit(rng, 300_001, 64)).to(dtype)  # > 2 x the rows a gemv thread takes
+    q = unit(rng, 1, 64)[0]
+    whole = np.empty(matrix.shape[0], np.float32)
+    gemv(matrix, q, whole, upcast_rows=1000, threads=threads)
+    for subset in (rng.permutation(matrix.shape[0])[:1237], np.arange(5, 300_001, 3)):
+        part = np.empty(len(subset), np.float32)
+        gemv(matrix[torch.from_numpy(subset)], q, part, upcast_rows=1000, threads=threads)
+        np.testing.assert_array_equal(part, whole[subset])
