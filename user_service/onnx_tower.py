@@ -15,9 +15,8 @@ The export (`torch.onnx.export`, dynamo, the batch dimension dynamic) takes ~7 s
 GIL for most of it, so it runs in a child process (`user_service.onnx_export`: the server serves on
 meanwhile, e.g. the old model during a rollout's LoadModel), and the exported model is cached on
 disk, keyed by the checkpoint's fingerprint, the tower's dtype and the exporter's versions; a cached
-file that does not load is exported again. The cache is not data of
-record: losing it costs one export. UserEncoder checks the result against eager at warm-up and keeps
-eager serving on any failure.
+file that does not load is exported again. The cache is not data of record: losing it costs one
+export. UserEncoder checks the result against eager at warm-up and keeps eager serving on any failure.
 """
 
 from __future__ import annotations
