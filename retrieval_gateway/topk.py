@@ -225,17 +225,16 @@ _TALL_ROWS = 32_768  # from here, a matrix is tall
 def _product(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """q [B, D] fp32 @ rows [c, D]ᵀ -> [B, c] fp32 (contiguous).
 
-    Why not always q @ rowsᵀ: on CPU, torch routes a short q (B = 1..4) against a tall matrix to
-    slow paths (1M x 128: B=1 73 ms, B=3 204 ms), while rows @ qᵀ with B >= 2 runs as a proper GEMM
-    (B=2 16 ms, B=3 21 ms). A zero row pads B=1 to 2 for the same reason. Past a few queries, and
-    below _TALL_ROWS rows, q @ rowsᵀ is the faster one again (its output needs no transpose copy;
-    20k x 64, B=2-4: 0.35-0.58 against 0.62-1.06 ms; 50k about even, 200k: 10.5-13.7 against
-    6.7-9.7 ms). On cuda, cuBLAS handles short batches itself: q @ rowsᵀ always."""
+    Why not always q @ rowsᵀ: on CPU, torch routes a short q (B = 2..4) against a tall matrix to
+    slow paths (1M x 128: B=3 204 ms), while rows @ qᵀ runs as a proper GEMM (B=2 16 ms, B=3 21 ms).
+    Past a few queries, and below _TALL_ROWS rows, q @ rowsᵀ is the faster one again (its output
+    needs no transpose copy; 20k x 64, B=2-4: 0.35-0.58 against 0.62-1.06 ms; 50k about even, 200k:
+    10.5-13.7 against 6.7-9.7 ms). A single query on CPU never comes here (_gemv_scores). On cuda,
+    cuBLAS handles short batches itself: q @ rowsᵀ always."""
     b = q.shape[0]
-    if b > _SHORT_BATCH or rows.device.type != "cpu" or rows.shape[0] < _TALL_ROWS:
+    if not 2 <= b <= _SHORT_BATCH or rows.device.type != "cpu" or rows.shape[0] < _TALL_ROWS:
         return q @ rows.T
-    padded = torch.cat([q, torch.zeros_like(q)]) if b == 1 else q
-    return (rows @ padded.T).T[:b].contiguous()
+    return (rows @ q.T).T.contiguous()
 
 
 def _scores(q: torch.Tensor, block: torch.Tensor, upcast_rows: int) -> torch.Tensor:
