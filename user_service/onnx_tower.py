@@ -37,7 +37,7 @@ import torch
 
 from shared.atomic_file import atomic_write
 from shared.model.features import UserFeatures
-from shared.model.towers import TwoTowerModel
+from shared.model.towers import TwoTowerModel, history_inputs
 from user_service import onnx_export
 from user_service.onnx_export import INPUTS, OUTPUT
 
@@ -53,8 +53,7 @@ def default_cache_dir() -> Path:
 
 
 def _inputs(model: TwoTowerModel, features: UserFeatures) -> tuple[torch.Tensor, ...]:
-    user_rows, history_rows = model.user_tower.lookup(model.tables, features)
-    return user_rows, history_rows, features.history_actions, features.history_surfaces, features.history_mask
+    return (*model.user_tower.lookup(model.tables, features), *history_inputs(features))
 
 
 def export_dense_tower(
@@ -172,15 +171,7 @@ class OnnxUserTower:
     def encode_users(self, features: UserFeatures, threads: int = 1) -> torch.Tensor:
         """[B, D] embeddings on the cpu; `threads` picks the session (1, or the most allowed)."""
         session = self._sessions[1 if threads <= 1 else self.threads]
-        user_rows, history_rows = self._tables.lookup(features)
-        f = features
-        inputs = (
-            user_rows,
-            history_rows,
-            f.history_actions.numpy(),
-            f.history_surfaces.numpy(),
-            f.history_mask.numpy(),
-        )
+        inputs = (*self._tables.lookup(features), *(t.numpy() for t in history_inputs(features)))
         (out,) = session.run([OUTPUT], dict(zip(INPUTS, inputs, strict=True)))
         return torch.from_numpy(np.asarray(out))
 

@@ -66,7 +66,7 @@ class UserTower(nn.Module):
         return self.action_proj(signed) * any_action.to(signed.dtype)
 
     def forward(self, tables: EmbeddingTables, f: UserFeatures) -> torch.Tensor:
-        return self.encode_rows(*self.lookup(tables, f), *_history_inputs(f))
+        return self.encode_rows(*self.lookup(tables, f), *history_inputs(f))
 
     def lookup(self, tables: EmbeddingTables, f: UserFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         """The hash-embedding rows of a batch: the user's [B, (1+F)*Hu*D] and the history's
@@ -97,7 +97,7 @@ class UserTower(nn.Module):
         over valid positions is exactly what `forward` returns for the history cut after event t:
         training reads every prefix's embedding from one pass (dense next-item supervision).
         """
-        return self.hidden_states_of_rows(*self.lookup(tables, f), *_history_inputs(f))
+        return self.hidden_states_of_rows(*self.lookup(tables, f), *history_inputs(f))
 
     def hidden_states_of_rows(
         self, user_rows: torch.Tensor, history_rows: torch.Tensor, actions: torch.Tensor,
@@ -123,7 +123,8 @@ class UserTower(nn.Module):
         return self.final_norm(x), valid
 
 
-def _history_inputs(f: UserFeatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def history_inputs(f: UserFeatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `encode_rows` takes from the features besides `lookup`'s rows: actions, surfaces, mask."""
     return f.history_actions, f.history_surfaces, f.history_mask
 
 
