@@ -243,6 +243,12 @@ def cmd_env(args: argparse.Namespace) -> int:
         info["twotower_import"] = f"{type(exc).__name__}: {exc}"
         problems.append(f"twotower import: {type(exc).__name__}: {exc}")
     info["protos"] = protos_status()[0]
+    try:  # optional: the gateway's fused split-query kernel on cuda (retrieval_gateway/topk_triton.py)
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
     try:
         import torch
 

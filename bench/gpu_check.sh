@@ -113,22 +113,29 @@ if [ "$DEVICE" = cuda ]; then MARK=cuda; else MARK="not slow"; fi
 step tests 150 "$PY" -m pytest -q -p no:cacheprovider -m "$MARK" --junitxml="$WORK/pytest.xml" \
   "${TEST_FILES[@]}"
 
-# 5. The index: exact top-k at 10M x 64 (quick: 200k), k=1000, B=1 and 32, fp32 and bf16.
+# 5. The fused split-query kernel (retrieval_gateway/topk_triton.py) against the cuBLAS path, per batch
+# size, at 10M x 64 bf16, k=1000 (bench/gpu_profile.py --fused-only; figures in the log). A CPU
+# rehearsal runs the kernel under Triton's interpreter on a tiny corpus (where Triton is installed).
+if [ "$QUICK" = 1 ]; then FUSED=(--quick --n 3000 --k 10); FUSED_ENV=(TRITON_INTERPRET=1); else FUSED=(); FUSED_ENV=(); fi
+step fused 90 env "${FUSED_ENV[@]}" "$PY" bench/gpu_profile.py --device "$DEVICE" --fused-only "${FUSED[@]}" \
+  --out "$WORK/profile/fused"
+
+# 6. The index: exact top-k at 10M x 64 (quick: 200k), k=1000, B=1 and 32, fp32 and bf16.
 if [ "$QUICK" = 1 ]; then SIZE=(--quick --n 200000); else SIZE=(--n 10000000); fi
 step index 180 "$PY" bench/index_bench.py --device "$DEVICE" "${SIZE[@]}" --dim 64 --k 1000 --batches 1 32 \
   --dtypes fp32 bf16 --index-dtypes bf16 --no-faiss --no-fused --out "$OUT_DIR/index_bench_$DEVICE.json"
 
-# 6. End to end: the three services on loopback, gateway and user_service on $DEVICE.
+# 7. End to end: the three services on loopback, gateway and user_service on $DEVICE.
 if [ "$QUICK" = 1 ]; then E2E=(--synthetic-items 50000 --concurrency 1 8 --seconds 2 --baseline-seconds 1); else E2E=(); fi
 step e2e 300 "$PY" bench/e2e_bench.py --quick --corpus synthetic --device "$DEVICE" "${E2E[@]}" \
   --workdir "$WORK/e2e" --out-dir "$OUT_DIR"
 
-# 7. bench/report.py's tables over this run's JSON (in the scratch folder: it also draws PNG plots).
+# 8. bench/report.py's tables over this run's JSON (in the scratch folder: it also draws PNG plots).
 mkdir -p "$WORK/report"
 cp "$OUT_DIR"/index_bench_*.json "$OUT_DIR"/e2e_*.json "$WORK/report/" 2>/dev/null
 RESERVE_S=10 step report 30 "$PY" bench/report.py --results "$WORK/report"
 
-# 8. Where the time goes (bench/gpu_profile.py: the search's pieces, the prefilter sweep, torch.profiler
+# 9. Where the time goes (bench/gpu_profile.py: the search's pieces, the prefilter sweep, torch.profiler
 # tables, the user tower's request path, the gRPC floor), with what the budget leaves; its files travel
 # as one archive (a GPU machine returns few files).
 if [ "$QUICK" = 1 ]; then PROFILE=(--quick --n 200000 --small-n 50000); else PROFILE=(); fi
@@ -137,7 +144,7 @@ if RESERVE_S=10 step profile 150 "$PY" bench/gpu_profile.py --device "$DEVICE" "
   tar czf "$OUT_DIR/gpu_profile.tar.gz" -C "$WORK" profile
 fi
 
-# 9. py-spy on the gateway and user_service while the stack serves c=1 (bench/spy_stack.py): where a
+# 10. py-spy on the gateway and user_service while the stack serves c=1 (bench/spy_stack.py): where a
 # request's host time goes, per thread and frame. Only where py-spy is (the carried wheel has it).
 SPY_BIN=""
 if [ -x "$WORK/site/bin/py-spy" ]; then SPY_BIN="$WORK/site/bin/py-spy"

@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from bench import e2e_corpus  # noqa: E402
 from bench.index_bench import timed  # noqa: E402
+from retrieval_gateway import topk_triton  # noqa: E402
 from retrieval_gateway.index import CorpusIndex, Query  # noqa: E402
 from retrieval_gateway.topk import (  # noqa: E402
     DEVICE_MAX_SCORE_ELEMENTS,
@@ -39,8 +40,8 @@ from retrieval_gateway.topk import (  # noqa: E402
     accelerator_topk,
     exact_topk,
 )
-from retrieval_gateway.topk_chunks import lex_top  # noqa: E402
-from retrieval_gateway.topk_device import PREFILTER_BLOCK  # noqa: E402
+from retrieval_gateway.topk_chunks import block_maxima, lex_top  # noqa: E402
+from retrieval_gateway.topk_device import PREFILTER_BLOCK, PREFILTER_MIN_BATCH  # noqa: E402
 from shared.convert import user_context_from_proto  # noqa: E402
 from shared.model.features import featurize_users, validate_user  # noqa: E402
 from user_service.encoder import load_encoder  # noqa: E402
@@ -150,6 +151,64 @@ def prefilter_sweep(device: torch.device, matrix: torch.Tensor, k: int, seconds:
     return out
 
 
+def fused_sweep(device: torch.device, matrix: torch.Tensor, k: int, seconds: float) -> dict:
+    """accelerator_topk with the split query scored by cuBLAS (GEMM, add, block maxima) or by
+    topk_triton's fused kernel, per batch size; the kernel alone against what it replaces; the same
+    rows with deleted rows and exclusions. Where FUSED_MIN_BATCH and the kernel's tiling come from."""
+    elements = DEVICE_MAX_SCORE_ELEMENTS.get(device.type, 1 << 22)
+    n, dim = matrix.shape
+    gen = torch.Generator().manual_seed(3)
+    masked = torch.randperm(n, generator=gen)[:1000]
+    out: dict[str, object] = {"fused_scores_ok": topk_triton.fused_scores_ok(device, matrix.dtype, 128, dim)}
+
+    def run(q: torch.Tensor, fused: bool, min_batch: int = PREFILTER_MIN_BATCH, exclude=None) -> object:
+        return accelerator_topk(q, matrix, k, masked, exclude, None, elements, None, gemm=True,
+                                prefilter_min_batch=min_batch, fused=fused)  # fmt: skip
+
+    print(f"\nfused sweep, {n:,} rows, k={k}, 1000 deleted (ms p50: cuBLAS / fused)", flush=True)
+    for b in (1, 2, 8, 32, 64):
+        q = torch.nn.functional.normalize(torch.randn(b, dim, device=device), dim=1)
+        row: dict[str, object] = {
+            "cublas": stats(timed(lambda q=q: run(q, False), device, 5, seconds)),
+            "fused": stats(timed(lambda q=q: run(q, True), device, 5, seconds)),
+        }
+        if b == 1:
+            row["fused, prefilter"] = stats(timed(lambda q=q: run(q, True, 1), device, 5, seconds))
+        exclude = (torch.arange(b).repeat_interleave(100), torch.randint(0, n, (b * 100,), generator=gen))
+        plain, fused = run(q, False, exclude=exclude), run(q, True, exclude=exclude)
+        row["same_rows"] = torch.equal(plain[1], fused[1])
+        row["max_score_diff"] = float((plain[0] - fused[0]).abs().max())
+        out[f"B={b}"] = row
+        extra = f"  prefilter {row['fused, prefilter']['p50_ms']:.3f}" if b == 1 else ""
+        print(f"  B={b:3d}  {row['cublas']['p50_ms']:8.3f} / {row['fused']['p50_ms']:8.3f}{extra}  "
+              f"same rows {row['same_rows']}  max diff {row['max_score_diff']:.2e}", flush=True)  # fmt: skip
+    for b in (1, 32):
+        q = torch.nn.functional.normalize(torch.randn(b, dim, device=device), dim=1)
+        hi, lo = _split_query(q, matrix.dtype).split(b)
+        split = torch.cat([hi, lo])
+        pieces = {
+            "gemm + add + block maxima": lambda split=split, b=b: block_maxima(
+                _split_product(split, matrix, b), 128
+            ),
+            "fused kernel": lambda hi=hi, lo=lo: topk_triton.split_scores(hi, lo, matrix, 128),
+        }
+        for warps in (2, 8):
+
+            def with_warps(hi=hi, lo=lo, warps=warps):
+                topk_triton.NUM_WARPS, was = warps, topk_triton.NUM_WARPS
+                try:
+                    return topk_triton.split_scores(hi, lo, matrix, 128)
+                finally:
+                    topk_triton.NUM_WARPS = was
+
+            pieces[f"fused kernel, {warps} warps"] = with_warps
+        for name, fn in pieces.items():
+            r = stats(timed(fn, device, 5, seconds))
+            out[f"B={b} {name}"] = r
+            print(f"  B={b:3d}  {name:32s} {r['p50_ms']:8.3f}", flush=True)
+    return out
+
+
 def profile_tables(
     device: torch.device, label: str, fn: Callable[[], object], out_dir: Path, reps: int = 5
 ) -> None:
@@ -239,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="short timings (rehearsal)")
     p.add_argument("--out", type=Path, default=REPO / "results" / "gpu_profile")
     p.add_argument("--sweep-only", action="store_true", help="only the prefilter sweep")
+    p.add_argument("--fused-only", action="store_true", help="only the fused kernel's sweep (bf16)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -252,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         "k": args.k,
     }
     t0 = time.perf_counter()
+    if args.fused_only:
+        m = torch.nn.functional.normalize(torch.randn(args.n, args.dim, device=device), dim=1)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float16  # (Triton's interpreter: fp16)
+        report["fused_sweep"] = fused_sweep(device, m.to(dtype), args.k, seconds / 2)
+        (args.out / "gpu_profile.json").write_text(json.dumps(report, indent=1))
+        return 0
     if args.sweep_only:
         m = torch.nn.functional.normalize(torch.randn(args.n, args.dim, device=device), dim=1).bfloat16()
         report["prefilter_sweep"] = prefilter_sweep(device, m, args.k, seconds / 2)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from retrieval_gateway.topk import exact_topk
+from retrieval_gateway.topk import exact_topk, prepare
 from shared.corpus_rows import AttributeColumn, CorpusGap, CorpusRows, Delta
 from shared.errors import ModelMismatch, NotReady
 from shared.threads import INTRA_OP
@@ -290,6 +290,7 @@ class CorpusIndex:
             except Exception:  # no C++ compiler, unsupported platform: the matmul path still works
                 logger.exception("fused gemv kernel unavailable; single queries use torch.mm")
                 self.fused_gemv = False
+        prepare(matrix)
         with self._lock:
             old, self._corpus = self._corpus, c
             self._info = c.info()

@@ -16,12 +16,14 @@ same ranking with a cheaper gather; `topk_chunks` holds what the loops share.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 
 import torch
 
-from retrieval_gateway.topk_chunks import ChunkMasks, chunk_topk, lex_top
+from retrieval_gateway import topk_triton
+from retrieval_gateway.topk_chunks import ChunkMasks, chunk_topk, lex_top, order_runs
 from retrieval_gateway.topk_cpu import cpu_scan, gemv, scan_pays
 from retrieval_gateway.topk_device import PREFILTER_BLOCK, PREFILTER_MIN_BATCH, Scorer, device_topk
 
@@ -36,6 +38,8 @@ _REDUCED = (torch.bfloat16, torch.float16)
 # torch >= 2.8: mm(a, b, out_dtype=float32) multiplies bf16/fp16 operands with fp32 accumulation and
 # writes fp32 (cuBLAS; no CPU kernel). Older torch widens slices instead (DEFAULT_UPCAST_ROWS).
 _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+# From this batch, a split query on cuda is scored by topk_triton's fused kernel (when it works).
+FUSED_MIN_BATCH = 2
 
 
 def exact_topk(
@@ -56,7 +60,9 @@ def exact_topk(
     precision rows are scored against the fp32 query with fp32 accumulation and fp32 scores: on CPU
     by widening a cache-sized slice at a time, on cuda by a GEMM in the storage dtype against the
     query split into two terms (hi + lo, ~16 significant bits), so both devices agree to ~1e-6.
-    max_score_elements: scores materialised at once (B x chunk rows); None = DEVICE_MAX_SCORE_ELEMENTS.
+    max_score_elements: scores materialised at once (B x chunk rows; the cuda GEMM of a split query
+    2B x chunk, and the fused kernel that replaces it takes chunks twice as long, see accelerator_topk);
+    None = DEVICE_MAX_SCORE_ELEMENTS.
     masked_rows [M] int64: rows never returned (deleted). exclude: (query index [E], row [E]) pairs
     never returned for that query. Pass both on the host (CPU tensors) to spare the device a copy
     back: they are split by chunk on the host. tie_ids [N] int64: equal scores rank by ascending tie
@@ -100,6 +106,7 @@ def accelerator_topk(
     query_terms: int = 2,
     prefilter_min_batch: int = PREFILTER_MIN_BATCH,
     prefilter_block: int = PREFILTER_BLOCK,
+    fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """exact_topk's accelerator strategy, on any device (tests run it on CPU): `device_topk`, and the
     resolving loop when it finds a tie at the cut. Host results.
@@ -107,17 +114,27 @@ def accelerator_topk(
     gemm: score reduced-precision rows with `_split_product` (fp32-output GEMM) instead of widening.
     query_terms: with gemm, 2 = hi + lo query (see _split_query), 1 = the bf16-rounded query alone
     (index_bench's investigation row: what the second term costs and what it buys in recall).
-    prefilter_min_batch / prefilter_block: see topk_device."""
+    prefilter_min_batch / prefilter_block: see topk_device. fused: score the split query with
+    topk_triton's kernel (scores and block maxima in one pass) instead of the GEMM; None = on cuda
+    from FUSED_MIN_BATCH queries when Triton is there and its one-time check passed."""
     batch, n = queries.shape[0], matrix.shape[0]
     kk = min(k, n)
     if n == 0 or batch == 0:
         return torch.empty(batch, 0), torch.empty(batch, 0, dtype=torch.long)
     q = queries.to(device=matrix.device, dtype=torch.float32)
     score = _scorer(q, matrix.dtype, upcast_rows, False, gemm, query_terms)
-    chunk = max(kk + 1, min(n, max_score_elements // batch))
+    score_blocks = None
+    elements = max_score_elements
+    if gemm and query_terms == 2 and _use_fused(fused, matrix, batch, prefilter_block):
+        hi, lo = _split_query(q, matrix.dtype).split(batch)
+        score_blocks = functools.partial(_fused_scores, hi, lo, prefilter_block)
+        # chunks twice as long: the GEMM's [2B, c] output peaks at what the kernel's [B, 2c] holds.
+        # One chunk fewer saves ~40 kernel launches (B=32 over 10M rows: one chunk instead of two)
+        elements *= 2
+    chunk = max(kk + 1, min(n, elements // batch))
     found = device_topk(
         score, matrix, batch, kk, masked_rows, exclude, tie_ids, chunk,
-        prefilter_min_batch=prefilter_min_batch, block=prefilter_block,
+        prefilter_min_batch=prefilter_min_batch, block=prefilter_block, score_blocks=score_blocks,
     )  # fmt: skip
     if found is not None:
         return found
@@ -126,6 +143,30 @@ def accelerator_topk(
         gemm=gemm, query_terms=query_terms,
     )  # fmt: skip
     return scores.cpu(), rows.cpu()
+
+
+def _use_fused(fused: bool | None, matrix: torch.Tensor, batch: int, block: int) -> bool:
+    if fused is not None:
+        return fused and topk_triton.available(matrix)
+    return (
+        matrix.device.type == "cuda"
+        and batch >= FUSED_MIN_BATCH
+        and topk_triton.available(matrix)
+        and topk_triton.fused_scores_ok(matrix.device, matrix.dtype, block, matrix.shape[1])
+    )
+
+
+def prepare(matrix: torch.Tensor) -> None:
+    """Before serving a matrix: compile and check what its searches will use on its device (the fused
+    kernel on cuda, see topk_triton), so that no request waits for it."""
+    if _MM_OUT_DTYPE:
+        _use_fused(None, matrix, FUSED_MIN_BATCH, PREFILTER_BLOCK)
+
+
+def _fused_scores(
+    hi: torch.Tensor, lo: torch.Tensor, block: int, rows: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return topk_triton.split_scores(hi, lo, rows, block, bias)
 
 
 def _exact_topk(
@@ -163,7 +204,9 @@ def _exact_topk(
         scores = score(matrix)
         ChunkMasks.fill_all(scores, masked_rows, exclude)
         best_s, best_r = chunk_topk(scores, kk, ties)
-        if _has_ties(best_s):  # topk orders by score only: equal scores must rank by tie id
+        if device.type == "cpu":  # topk orders by score only: equal scores must rank by tie id
+            best_r = order_runs(best_s, best_r, ties)
+        elif _has_ties(best_s):
             best_s, best_r = lex_top(best_s, best_r, ties[best_r], kk)
         return best_s, best_r.masked_fill(best_s == float("-inf"), -1)
     deleted = ChunkMasks.of_rows(masked_rows, n, starts, device)

@@ -7,7 +7,7 @@ torch.topk. Then one copy brings the [B, k+1] candidates to the host, where:
   the wrong one of several equal scores: `device_topk` returns None and the caller reruns the call
   with the resolving loop (rare with real data);
 - otherwise the top k is exact as a set, and runs of equal scores inside it are put in tie-id order
-  on the host (lex_top on the few queries that have one).
+  on the host (`order_runs`: only the cells inside runs are sorted).
 
 Why the set is exact without a tie at the cut: a selection (torch.topk, or the prefilter, see there)
 keeps every score above its own (k+1)-th; an item outside the merged top k+1 that scores at least the
@@ -22,9 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
-from retrieval_gateway.topk_chunks import ChunkMasks, lex_top
+from retrieval_gateway.topk_chunks import ChunkMasks, block_maxima, order_runs
 
 # Prefilter: the top-(k+1) blocks of PREFILTER_BLOCK columns by their max, then the top k+1 of their
 # cells. It pays for two queries or more (torch.topk of one long row is already fast) when the blocks
@@ -36,6 +37,9 @@ PREFILTER_MIN_BATCH = 2
 _PREFILTER_MIN_SHARE = 8  # the chunk has at least this many times the columns of the blocks kept
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # rows [c, D] -> scores [B, c] fp32, contiguous
+# (rows [c, D], bias [c] fp32 or None) -> (scores + bias [B, c] fp32 contiguous, their block maxima
+# [B, ceil(c / PREFILTER_BLOCK)]): topk_triton.split_scores
+BlockScorer = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 
 
 def device_topk(
@@ -50,10 +54,13 @@ def device_topk(
     *,
     prefilter_min_batch: int = PREFILTER_MIN_BATCH,
     block: int = PREFILTER_BLOCK,
+    score_blocks: BlockScorer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Top-k rows of `matrix` (n >= 1 rows, n >= k) per query, scored `chunk` rows at a time by
-    `score`. Returns host tensors (scores [B, k] fp32 descending, rows [B, k] int64, -inf / -1 where
-    too few rows are eligible), or None when a tie at the cut needs the resolving loop."""
+    `score`, or when given by `score_blocks` (blocks of `block` columns), whose maxima spare the
+    prefilter its pass over the scores and which sets deleted rows to -inf itself. Returns host
+    tensors (scores [B, k] fp32 descending, rows [B, k] int64, -inf / -1 where too few rows are
+    eligible), or None when a tie at the cut needs the resolving loop."""
     device, n = matrix.device, matrix.shape[0]
     keep = min(k + 1, n)  # one more than asked: the tie check at the cut
     starts = list(range(0, n, chunk))
@@ -63,11 +70,17 @@ def device_topk(
     best_r: torch.Tensor | None = None
     for i, start in enumerate(starts):
         end = min(n, start + chunk)
-        scores = score(matrix[start:end])
-        deleted.fill(scores, i, start)
+        maxima = None
+        if score_blocks is None:
+            scores = score(matrix[start:end])
+            deleted.fill(scores, i, start)
+        else:
+            scores, maxima = score_blocks(matrix[start:end], deleted.row_bias(i, start, end - start, device))
         excluded.fill(scores, i, start)
         if batch >= prefilter_min_batch and scores.shape[1] >= _PREFILTER_MIN_SHARE * keep * block:
-            cs, cr = _prefilter(scores, min(keep, end - start), block)
+            if maxima is not None:
+                excluded.refresh_maxima(scores, maxima, i, start, block)
+            cs, cr = _prefilter(scores, min(keep, end - start), block, maxima)
         else:
             cs, cr = torch.topk(scores, min(keep, end - start), dim=1)
         cr = cr.add_(start)
@@ -81,18 +94,19 @@ def device_topk(
     return _finish(scores_h, rows_h, k, tie_ids)
 
 
-def _prefilter(scores: torch.Tensor, keep: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _prefilter(
+    scores: torch.Tensor, keep: int, block: int, maxima: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The top `keep` of scores [B, c] (values descending, columns) among the cells of the `keep`
-    blocks of `block` columns whose maxima are largest (the last block may be short).
+    blocks of `block` columns whose maxima are largest (the last block may be short). maxima: the
+    blocks' maxima when the scorer gave them (block_maxima otherwise).
 
     It keeps every score above its own keep-th, like torch.topk: a cell left out lies in a block whose
     max is at most the keep-th largest block max, and the keep blocks kept each hold a cell at least
     that large."""
     b, c = scores.shape
-    full = c // block * block
-    maxima = scores[:, :full].view(b, full // block, block).amax(-1)
-    if full < c:
-        maxima = torch.cat([maxima, scores[:, full:].amax(-1, keepdim=True)], dim=1)
+    if maxima is None:
+        maxima = block_maxima(scores, block)
     kept = torch.topk(maxima, min(keep, maxima.shape[1]), dim=1, sorted=False).indices  # [B, kb]
     cols = (kept[:, :, None] * block + torch.arange(block, device=scores.device)).view(b, -1)
     overhang = cols >= c  # the short last block's missing columns
@@ -128,16 +142,9 @@ def _finish(
     """On the host: None if the cut falls inside a run of equal scores, else the top k with runs of
     equal scores in tie-id order and -1 for the rows of -inf scores."""
     if scores.shape[1] > k:
-        kth, nxt = scores[:, k - 1], scores[:, k]
-        if bool(((kth == nxt) & torch.isfinite(kth)).any()):
+        kth, nxt = scores[:, k - 1].numpy(), scores[:, k].numpy()
+        if ((kth == nxt) & np.isfinite(kth)).any():
             return None
         scores, rows = scores[:, :k], rows[:, :k]
-    runs = ((scores[:, 1:] == scores[:, :-1]) & torch.isfinite(scores[:, 1:])).any(1)
-    if bool(runs.any()):
-        which = runs.nonzero().flatten()
-        r = rows[which]
-        ties = r if tie_ids is None else tie_ids[r.to(tie_ids.device)].cpu()
-        s, r = lex_top(scores[which], r, ties, k)
-        scores, rows = scores.clone(), rows.clone()
-        scores[which], rows[which] = s, r
-    return scores, rows.masked_fill(scores == float("-inf"), -1)
+    rows = order_runs(scores, rows, tie_ids)
+    return scores, torch.from_numpy(np.where(np.isneginf(scores.numpy()), -1, rows.numpy()))

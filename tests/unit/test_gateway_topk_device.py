@@ -170,6 +170,7 @@ def test_cuda_chunk_loop_never_waits_for_the_device():
     ties = torch.arange(1, 20_001, device="cuda")
     masked = torch.tensor([5, 7_000, 19_999])
     exclude = (torch.tensor([0, 3, 3]), torch.tensor([10, 15_000, 3]))
+    topk.prepare(matrix)  # what the index does when a corpus loads: the fused kernel's one-time check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
