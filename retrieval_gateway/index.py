@@ -221,8 +221,12 @@ class CorpusIndex:
             scores, top = scores.cpu().numpy(), top.cpu().numpy()  # (on the host already from a device)
             # Each query's hits: its first k columns that hold a row (eligible rows come first).
             ks = np.fromiter((q.k for q in batch), np.int64, len(batch))
-            counts = np.minimum((top >= 0).sum(1), ks).tolist()
-            hit_rows = top[np.arange(top.shape[1]) < np.asarray(counts)[:, None]]  # row-major: query by query
+            full = np.minimum((top >= 0).sum(1), ks)
+            counts = full.tolist()
+            if (full == top.shape[1]).all():  # every query has all its columns: no mask to apply
+                hit_rows = top.reshape(-1)
+            else:
+                hit_rows = top[np.arange(top.shape[1]) < full[:, None]]  # row-major: query by query
             post_ids, author_ids = rows.post_ids[hit_rows], rows.author_ids[hit_rows]
             attributes = rows.attributes(hit_rows)  # decoded only for the hits, in one pass
             at = 0

@@ -431,8 +431,10 @@ class CorpusRows:
     def attributes(self, rows: np.ndarray) -> list[Mapping[str, str]]:
         """Decoded attributes of the given rows (read-only; NO_ATTRIBUTES for none or a free row)."""
         rows = np.asarray(rows, np.int64)
+        if not self.attribute_bytes_used:  # no row has attributes: not even one gather
+            return [NO_ATTRIBUTES] * len(rows)
         lengths = self._attr_len[rows]
-        if not lengths.any():  # the common case of a corpus without attributes: no second gather
+        if not lengths.any():  # none of these rows has attributes: no second gather
             return [NO_ATTRIBUTES] * len(rows)
         return _decode(self._arena, self._attr_start[rows], lengths)
 
