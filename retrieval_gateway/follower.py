@@ -218,10 +218,13 @@ class CorpusFollower:
         received = False
         try:
             # The server sends its headers as soon as it accepts the stream: connected from here,
-            # even when no event follows for a while (a resumed watcher that is up to date).
+            # even when no event follows for a while (a resumed watcher that is up to date). A call
+            # that failed first (server down) also returns from initial_metadata(), with no headers:
+            # that is not a connection, and the loop below raises its error.
             await call.initial_metadata()
-            self._connected(request.known_version)
-            received = True
+            if not call.done():
+                self._connected(request.known_version)
+                received = True
             async for event in call:
                 await self._handle(event)
             return received, False, "stream ended"

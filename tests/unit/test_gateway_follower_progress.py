@@ -41,6 +41,9 @@ class _Call:
     async def initial_metadata(self):
         return ()
 
+    def done(self) -> bool:
+        return False
+
     def __aiter__(self):
         return self._gen()
 
@@ -91,3 +94,34 @@ def test_a_snapshot_given_up_ends_its_progress_without_a_last_line(caplog):
     follower, (_, fresh, reason) = follow_once([snapshot_chunk(0, 2, [1, 2, 3], 5), delta])
     assert fresh and reason == "gap" and follower.index.info() is None
     assert _lines(caplog) == [] and follower._snapshot_bar is None
+
+
+def test_a_server_that_is_down_never_counts_as_connected():
+    # grpc.aio's initial_metadata() returns (empty) when the call failed before any header: taken for
+    # the server's headers, it made the gateway report "connected" on every retry against a dead
+    # candidate_service, for as long as the failed call took to raise (seen once in a fault test).
+    import socket
+
+    import grpc
+
+    from twotower.v1 import candidate_tower_pb2_grpc as pb_grpc
+
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    follower = CorpusFollower(
+        f"127.0.0.1:{port}", CorpusIndex("cpu", "fp32"), [], max_corpus_items=100, backoff_initial_s=0.1,
+        backoff_max_s=1.0,
+    )  # fmt: skip
+    seen = []
+    follower._connected = lambda version: seen.append(version)
+
+    async def once():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            return await asyncio.wait_for(
+                follower._follow_once(pb_grpc.CandidateTowerStub(channel), False), 10
+            )
+
+    received, fresh, reason = asyncio.run(once())
+    assert (received, fresh, reason) == (False, False, "UNAVAILABLE")
+    assert seen == [] and not follower.connected
