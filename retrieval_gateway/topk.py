@@ -74,6 +74,7 @@ def exact_topk(
     """
     if queries.dim() != 2 or matrix.dim() != 2 or queries.shape[1] != matrix.shape[1]:
         raise ValueError(f"shapes {tuple(queries.shape)} @ {tuple(matrix.shape)}ᵀ do not match")
+    queries, matrix = queries.detach(), matrix.detach()  # a ranking has no gradient; the host reads numpy
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if max_score_elements is None:
@@ -121,7 +122,8 @@ def accelerator_topk(
     kk = min(k, n)
     if n == 0 or batch == 0:
         return torch.empty(batch, 0), torch.empty(batch, 0, dtype=torch.long)
-    q = queries.to(device=matrix.device, dtype=torch.float32)
+    matrix = matrix.detach()  # the host reads the candidates in numpy
+    q = queries.detach().to(device=matrix.device, dtype=torch.float32)
     score = _scorer(q, matrix.dtype, upcast_rows, False, gemm, query_terms)
     score_blocks = None
     elements = max_score_elements

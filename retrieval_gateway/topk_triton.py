@@ -6,8 +6,9 @@ then its prefilter reads the scores again for each block's max. With cuBLAS that
 GEMM output, an add and an amax pass: at B=32 over 10M x 64 bf16 on an H200, 1.1 + 0.9 + 0.36 ms of
 device time for a 1.28 GB matrix (docs/decisions.md "GPU top-k"). Here each program multiplies one
 tile of rows by both terms on the tensor cores (bf16 products are exact in fp32, accumulated in
-fp32), adds them in registers and writes the [B, c] fp32 scores and the max of each block of
-`block` columns: the matrix is read once and the scores written once.
+fp32), adds them in registers with a per-row bias (-inf for deleted rows) and writes the [B, c] fp32
+scores and the max of each block of `block` columns: the matrix is read once and the scores written
+once (0.72-0.78 ms for the same work).
 
 Used when Triton imports and `fused_scores_ok()` (a one-time check against the cuBLAS path on the
 device) passes; otherwise the cuBLAS path runs as before. The kernel also runs under Triton's
@@ -29,7 +30,7 @@ from retrieval_gateway.topk_chunks import block_maxima
 log = logging.getLogger(__name__)
 
 MAX_DIM = 512  # wider rows: the cuBLAS path (a tile of rows must fit the kernel's registers)
-NUM_WARPS = 4
+NUM_WARPS = 4  # 2 and 8 measured within 10% of it on an H200 (bench/gpu_profile.py --fused-only)
 _REDUCED = (torch.bfloat16, torch.float16)
 
 
@@ -86,11 +87,14 @@ def _pow2(x: int) -> int:
 
 def available(matrix: torch.Tensor) -> bool:
     """Whether the fused kernel can score this matrix (Triton present, reduced precision, not too wide)."""
-    return (
-        matrix.dtype in _REDUCED
-        and 1 <= matrix.shape[1] <= MAX_DIM
-        and importlib.util.find_spec("triton") is not None
-    )
+    return matrix.dtype in _REDUCED and 1 <= matrix.shape[1] <= MAX_DIM and _installed()
+
+
+@functools.cache
+def _installed() -> bool:
+    """Whether Triton can be imported (looked up once: a search of sys.path for a missing package costs
+    more than a small search)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def split_scores(

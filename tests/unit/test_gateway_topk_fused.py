@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from retrieval_gateway import topk, topk_triton
-from retrieval_gateway.topk import DEFAULT_MAX_SCORE_ELEMENTS, accelerator_topk
+from retrieval_gateway.topk import DEFAULT_MAX_SCORE_ELEMENTS, accelerator_topk, exact_topk
 from retrieval_gateway.topk_chunks import ChunkMasks, block_maxima, lex_top, order_runs
 from tests.unit.test_gateway_topk import check, reference, unit
 
 REPO = Path(__file__).resolve().parents[2]
-HAS_TRITON = topk_triton.importlib.util.find_spec("triton") is not None
+HAS_TRITON = topk_triton._installed()
 
 
 def stand_in(hi, lo, rows, block, bias=None):
@@ -141,6 +141,18 @@ def test_order_runs_matches_lex_top(seed):
     finite = torch.isfinite(scores)
     assert torch.equal(want_s, scores) and torch.equal(got[finite], want_r[finite])
     assert torch.equal(order_runs(scores, rows, None)[finite], lex_top(scores, rows, rows, 50)[1][finite])
+
+
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_queries_that_require_grad_are_ranked_with_ties(accelerator):
+    # The host orders runs of equal scores in numpy, which refuses tensors that require grad.
+    matrix = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], requires_grad=True)
+    q = torch.tensor([[1.0, 0.0], [1.0, 0.0]], requires_grad=True)  # two: a GEMM, not numpy's gemv
+    if accelerator:
+        got = accelerator_topk(q, matrix, 3, None, None, None, 1 << 20, None, gemm=False)
+    else:
+        got = exact_topk(q, matrix, 3)
+    assert got[1].tolist() == [[0, 1, 3]] * 2 and got[0].tolist() == [[1.0, 1.0, 1.0]] * 2
 
 
 def test_order_runs_leaves_distinct_scores_alone():
