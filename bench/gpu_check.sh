@@ -11,8 +11,9 @@
 # Each step is bounded by `timeout` within one overall budget and the next step runs whatever the last
 # one did; results go to the --out folder (env GPU_CHECK_OUT, default results/): gpu_check.json,
 # report.md, gpu_check.log (everything printed), env.txt (versions, nvidia-smi), index_bench_<device>.json,
-# e2e_synthetic[_cuda].json, gpu_profile.tar.gz (bench/gpu_profile.py's breakdown) and spy.tar.gz
-# (bench/spy_stack.py: py-spy on the services), the last two when the budget leaves time for them.
+# e2e_synthetic[_cuda].json and gpu_profile.tar.gz (profile/: the fused kernel's sweep in fused/,
+# bench/gpu_profile.py's breakdown, and in spy/ bench/spy_stack.py's py-spy on the services, the last
+# two when the budget leaves time for them; one archive: the device tool returns at most 8 files).
 # A summary table is printed last. Exit status 0 when every step passed.
 #
 #   bench/gpu_check.sh --prepare                        # here, first: fresh twotower/, complete .whl/
@@ -139,10 +140,8 @@ RESERVE_S=10 step report 30 "$PY" bench/report.py --results "$WORK/report"
 # tables, the user tower's request path, the gRPC floor), with what the budget leaves; its files travel
 # as one archive (a GPU machine returns few files).
 if [ "$QUICK" = 1 ]; then PROFILE=(--quick --n 200000 --small-n 50000); else PROFILE=(); fi
-if RESERVE_S=10 step profile 150 "$PY" bench/gpu_profile.py --device "$DEVICE" "${PROFILE[@]}" \
-  --out "$WORK/profile"; then
-  tar czf "$OUT_DIR/gpu_profile.tar.gz" -C "$WORK" profile
-fi
+RESERVE_S=10 step profile 150 "$PY" bench/gpu_profile.py --device "$DEVICE" "${PROFILE[@]}" \
+  --out "$WORK/profile"
 
 # 10. py-spy on the gateway and user_service while the stack serves c=1 (bench/spy_stack.py): where a
 # request's host time goes, per thread and frame. Only where py-spy is (the carried wheel has it).
@@ -152,13 +151,13 @@ elif [ -x "$(dirname "$PY")/py-spy" ]; then SPY_BIN="$(dirname "$PY")/py-spy"
 elif command -v py-spy >/dev/null; then SPY_BIN=$(command -v py-spy); fi
 if [ -n "$SPY_BIN" ]; then
   if [ "$QUICK" = 1 ]; then SPY_SIZE=(--synthetic-items 50000 --seconds 4); else SPY_SIZE=(); fi
-  if RESERVE_S=10 step spy 120 "$PY" bench/spy_stack.py --device "$DEVICE" --py-spy "$SPY_BIN" \
-    "${SPY_SIZE[@]}" --out "$WORK/spy"; then
-    tar czf "$OUT_DIR/spy.tar.gz" -C "$WORK" spy
-  fi
+  RESERVE_S=10 step spy 120 "$PY" bench/spy_stack.py --device "$DEVICE" --py-spy "$SPY_BIN" \
+    "${SPY_SIZE[@]}" --out "$WORK/profile/spy"
 else
   say "== [spy] skipped: no py-spy here (bench/gpu_check.sh --prepare puts its wheel in .whl/)"
 fi
+# One archive for steps 5, 9 and 10 (a separate spy.tar.gz was a ninth file, left behind).
+[ -d "$WORK/profile" ] && tar czf "$OUT_DIR/gpu_profile.tar.gz" -C "$WORK" profile
 
 QUICK_FLAG=()
 [ "$QUICK" = 1 ] && QUICK_FLAG=(--quick)
