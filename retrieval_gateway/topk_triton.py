@@ -8,7 +8,7 @@ device time for a 1.28 GB matrix (docs/decisions.md "GPU top-k"). Here each prog
 tile of rows by both terms on the tensor cores (bf16 products are exact in fp32, accumulated in
 fp32), adds them in registers with a per-row bias (-inf for deleted rows) and writes the [B, c] fp32
 scores and the max of each block of `block` columns: the matrix is read once and the scores written
-once (0.72-0.78 ms for the same work).
+once (0.76-0.78 ms for the same work).
 
 Used when Triton imports and `fused_scores_ok()` (a one-time check against the cuBLAS path on the
 device) passes; otherwise the cuBLAS path runs as before. The kernel also runs under Triton's
