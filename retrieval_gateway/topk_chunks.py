@@ -50,6 +50,9 @@ class ChunkMasks:
         columns and the excluded (query, row) cells to -inf, without sorting or cutting anything.
         Rows outside [0, n) are ignored, as with chunks."""
         n = scores.shape[1]
+        if scores.device.type == "cpu" and scores.is_contiguous():  # numpy: 0.03 ms, a dozen torch ops 0.13
+            _fill_all_host(scores.numpy(), masked_rows, exclude)
+            return
         if masked_rows is not None and masked_rows.numel():
             rows = masked_rows.to(scores.device).flatten()
             scores.index_fill_(1, rows[(rows >= 0) & (rows < n)], float("-inf"))
@@ -105,6 +108,20 @@ class ChunkMasks:
         at = blocks[:, None] * block + torch.arange(block, device=scores.device)  # [P, block]
         cand = scores[queries[:, None], at.clamp(max=c - 1)].masked_fill_(at >= c, float("-inf"))
         maxima[queries, blocks] = cand.amax(-1)
+
+
+def _fill_all_host(
+    scores: np.ndarray, masked_rows: torch.Tensor | None, exclude: tuple[torch.Tensor, torch.Tensor] | None
+) -> None:
+    """ChunkMasks.fill_all on a host array [B, n] (writes through to the tensor it views)."""
+    n = scores.shape[1]
+    if masked_rows is not None and masked_rows.numel():
+        rows = masked_rows.cpu().numpy().ravel()
+        scores[:, rows[(rows >= 0) & (rows < n)]] = -np.inf
+    if exclude is not None and exclude[1].numel():
+        qi, rows = (t.cpu().numpy().ravel() for t in exclude)
+        inside = (rows >= 0) & (rows < n)
+        scores.reshape(-1)[qi[inside] * n + rows[inside]] = -np.inf
 
 
 def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:

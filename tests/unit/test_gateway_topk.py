@@ -69,6 +69,20 @@ def test_masks_and_exclusions_outside_the_matrix_are_ignored(max_elements):
     check(got, reference(queries, matrix, 10, valid, (np.array([0, 2]), np.array([7, 9]))))
 
 
+def test_fill_all_sets_the_masked_cells_only():
+    from retrieval_gateway.topk_chunks import ChunkMasks
+
+    scores = torch.zeros(3, 6)
+    masked = torch.tensor([-1, 4, 6])  # only column 4 is inside
+    exclude = (torch.tensor([0, 2, 1]), torch.tensor([1, 5, 9]))  # (0, 1) and (2, 5) are inside
+    ChunkMasks.fill_all(scores, masked, exclude)
+    want = torch.zeros(3, 6)
+    want[:, 4] = want[0, 1] = want[2, 5] = float("-inf")
+    assert torch.equal(scores, want)
+    with pytest.raises(RuntimeError):  # scores it cannot write in place are an error, never unmasked
+        ChunkMasks.fill_all(torch.zeros(6, 3).T, masked, exclude)
+
+
 def test_k_larger_than_corpus_and_everything_masked():
     rng = np.random.default_rng(0)
     matrix, queries = unit(rng, 10, 8), unit(rng, 2, 8)
