@@ -149,9 +149,13 @@ def chunk_topk(scores: torch.Tensor, kc: int, ties: torch.Tensor) -> tuple[torch
     if extra == kc:  # the whole chunk was taken: no cut, no tie
         return values, rows
     kth = values[:, kc - 1 : kc]  # [B, 1]
-    tied = (values[:, kc] == kth[:, 0]) & torch.isfinite(kth[:, 0])
+    if values.device.type == "cpu":  # numpy: the few ops on [B] cost less than torch's dispatch
+        at_cut = values[:, kc - 1 : kc + 1].detach().numpy()
+        tied = np.flatnonzero((at_cut[:, 1] == at_cut[:, 0]) & np.isfinite(at_cut[:, 0])).tolist()
+    else:
+        tied = ((values[:, kc] == kth[:, 0]) & torch.isfinite(kth[:, 0])).nonzero().flatten().tolist()
     values, rows = values[:, :kc], rows[:, :kc]
-    for b in tied.nonzero().flatten().tolist():
+    for b in tied:
         cand = (scores[b] >= kth[b]).nonzero().flatten()
         s, r = lex_top(scores[b, cand][None], cand[None], ties[cand][None], kc)
         values[b], rows[b] = s[0], r[0]
