@@ -124,7 +124,7 @@ def accelerator_topk(
         return torch.empty(batch, 0), torch.empty(batch, 0, dtype=torch.long)
     matrix = matrix.detach()  # the host reads the candidates in numpy
     q = queries.detach().to(device=matrix.device, dtype=torch.float32)
-    score = _scorer(q, matrix.dtype, upcast_rows, False, gemm, query_terms)
+    score: Scorer | None = None
     score_blocks = None
     elements = max_score_elements
     if gemm and query_terms == 2 and _use_fused(fused, matrix, batch, prefilter_block):
@@ -133,6 +133,8 @@ def accelerator_topk(
         # chunks twice as long: the GEMM's [2B, c] output peaks at what the kernel's [B, 2c] holds.
         # One chunk fewer saves ~40 kernel launches (B=32 over 10M rows: one chunk instead of two)
         elements *= 2
+    else:  # (not both: the GEMM scorer would split the query again for nothing)
+        score = _scorer(q, matrix.dtype, upcast_rows, False, gemm, query_terms)
     chunk = max(kk + 1, min(n, elements // batch))
     found = device_topk(
         score, matrix, batch, kk, masked_rows, exclude, tie_ids, chunk,

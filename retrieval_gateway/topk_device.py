@@ -43,7 +43,7 @@ BlockScorer = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, 
 
 
 def device_topk(
-    score: Scorer,
+    score: Scorer | None,
     matrix: torch.Tensor,
     batch: int,
     k: int,
@@ -57,8 +57,8 @@ def device_topk(
     score_blocks: BlockScorer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Top-k rows of `matrix` (n >= 1 rows, n >= k) per query, scored `chunk` rows at a time by
-    `score`, or when given by `score_blocks` (blocks of `block` columns), whose maxima spare the
-    prefilter its pass over the scores and which sets deleted rows to -inf itself. Returns host
+    `score`, or by `score_blocks` (blocks of `block` columns) when given instead, whose maxima spare
+    the prefilter its pass over the scores and which sets deleted rows to -inf itself. Returns host
     tensors (scores [B, k] fp32 descending, rows [B, k] int64, -inf / -1 where too few rows are
     eligible), or None when a tie at the cut needs the resolving loop."""
     device, n = matrix.device, matrix.shape[0]
@@ -72,6 +72,7 @@ def device_topk(
         end = min(n, start + chunk)
         maxima = None
         if score_blocks is None:
+            assert score is not None, "device_topk needs a scorer"
             scores = score(matrix[start:end])
             deleted.fill(scores, i, start)
         else:
