@@ -36,11 +36,10 @@ from retrieval_gateway.index import CorpusIndex, Query  # noqa: E402
 from retrieval_gateway.topk import (  # noqa: E402
     DEVICE_MAX_SCORE_ELEMENTS,
     _split_product,
-    _split_query,
     accelerator_topk,
     exact_topk,
 )
-from retrieval_gateway.topk_chunks import block_maxima, lex_top  # noqa: E402
+from retrieval_gateway.topk_chunks import block_maxima, lex_top, split_query  # noqa: E402
 from retrieval_gateway.topk_device import PREFILTER_BLOCK, PREFILTER_MIN_BATCH  # noqa: E402
 from shared.convert import user_context_from_proto  # noqa: E402
 from shared.model.features import featurize_users, validate_user  # noqa: E402
@@ -65,10 +64,7 @@ def prefilter_topk(scores: torch.Tensor, k: int, block: int) -> tuple[torch.Tens
     largest block max, which is at most the k-th best score (k blocks each hold a score at least
     that large)."""
     b, n = scores.shape
-    full = n // block * block
-    maxima = scores[:, :full].view(b, full // block, block).amax(-1)
-    if full < n:
-        maxima = torch.cat([maxima, scores[:, full:].amax(-1, keepdim=True)], dim=1)
+    maxima = block_maxima(scores, block)
     kb = min(k, maxima.shape[1])
     top_blocks = torch.topk(maxima, kb, dim=1, sorted=False).indices  # [B, kb]
     cols = (top_blocks[:, :, None] * block + torch.arange(block, device=scores.device)).view(b, -1)
@@ -88,7 +84,7 @@ def topk_pieces(device: torch.device, n: int, dim: int, k: int, batches: list[in
     out: dict[str, dict] = {}
     for b in batches:
         q = torch.nn.functional.normalize(torch.randn(b, dim, device=device, generator=gen), dim=1)
-        split = _split_query(q, torch.bfloat16)
+        split = split_query(q, torch.bfloat16)
         scores = _split_product(split, matrix, b)
         exact_s, exact_r = (t.to(device) for t in exact_topk(q, matrix, k))  # (host results)
         queries = [Query(v, FP, k) for v in q.cpu()]
@@ -184,7 +180,7 @@ def fused_sweep(device: torch.device, matrix: torch.Tensor, k: int, seconds: flo
               f"same rows {row['same_rows']}  max diff {row['max_score_diff']:.2e}", flush=True)  # fmt: skip
     for b in (1, 32):
         q = torch.nn.functional.normalize(torch.randn(b, dim, device=device), dim=1)
-        hi, lo = _split_query(q, matrix.dtype).split(b)
+        hi, lo = split_query(q, matrix.dtype).split(b)
         split = torch.cat([hi, lo])
         pieces = {
             "gemm + add + block maxima": lambda split=split, b=b: block_maxima(

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from retrieval_gateway import topk_triton
-from retrieval_gateway.topk_chunks import ChunkMasks, chunk_topk, lex_top, order_runs
+from retrieval_gateway.topk_chunks import ChunkMasks, chunk_topk, lex_top, order_runs, split_query
 from retrieval_gateway.topk_cpu import cpu_scan, gemv, scan_pays
 from retrieval_gateway.topk_device import PREFILTER_BLOCK, PREFILTER_MIN_BATCH, Scorer, device_topk
 
@@ -113,7 +113,7 @@ def accelerator_topk(
     resolving loop when it finds a tie at the cut. Host results.
 
     gemm: score reduced-precision rows with `_split_product` (fp32-output GEMM) instead of widening.
-    query_terms: with gemm, 2 = hi + lo query (see _split_query), 1 = the bf16-rounded query alone
+    query_terms: with gemm, 2 = hi + lo query (see split_query), 1 = the bf16-rounded query alone
     (index_bench's investigation row: what the second term costs and what it buys in recall).
     prefilter_min_batch / prefilter_block: see topk_device. fused: score the split query with
     topk_triton's kernel (scores and block maxima in one pass) instead of the GEMM; None = on cuda
@@ -128,7 +128,7 @@ def accelerator_topk(
     score_blocks = None
     elements = max_score_elements
     if gemm and query_terms == 2 and _use_fused(fused, matrix, batch, prefilter_block):
-        hi, lo = _split_query(q, matrix.dtype).split(batch)
+        hi, lo = split_query(q, matrix.dtype).split(batch)
         score_blocks = functools.partial(_fused_scores, hi, lo, prefilter_block)
         # chunks twice as long: the GEMM's [2B, c] output peaks at what the kernel's [B, 2c] holds.
         # One chunk fewer saves ~40 kernel launches (B=32 over 10M rows: one chunk instead of two)
@@ -243,7 +243,7 @@ def _scorer(
     if fused:
         return lambda block: fused_gemv_kernel()(q[0], block)[None]
     if gemm and dtype in _REDUCED:
-        split = _split_query(q, dtype)
+        split = split_query(q, dtype)
         if query_terms == 1:
             split = split[:batch]  # hi only
         return lambda block: _split_product(split, block, batch)
@@ -298,18 +298,6 @@ def _scores(q: torch.Tensor, block: torch.Tensor, upcast_rows: int) -> torch.Ten
         wide.copy_(part)
         out[:, a : a + part.shape[0]] = _product(q, wide)
     return out
-
-
-def _split_query(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """q [B, D] fp32 -> [2B, D] in `dtype`: the rounded query, then what rounding lost.
-
-    Why: a GEMM in bf16 needs a bf16 query, and bf16 keeps 8 significant bits, so rounding the query
-    would add an error as large as the corpus's own rounding (recall drops, and cuda and CPU scores
-    would differ by ~1e-3). hi + lo carries ~16 bits; each product of bf16 values is exact in fp32,
-    so the scores match the widened-fp32 CPU path to ~1e-6 for the price of 2B query rows."""
-    hi = q.to(dtype)
-    lo = (q - hi.float()).to(dtype)
-    return torch.cat([hi, lo])
 
 
 def _split_product(split: torch.Tensor, block: torch.Tensor, b: int) -> torch.Tensor:

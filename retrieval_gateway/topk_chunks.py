@@ -1,5 +1,6 @@
 """The parts of exact_topk's chunk loops that more than one of them uses: masks cut by chunk on the
-host, a chunk's own top-k, and the merge by (score desc, tie asc). No grpc import."""
+host, a chunk's own top-k, and the merge by (score desc, tie asc); the split query (topk's GEMM and
+topk_triton's kernel score it). No grpc import."""
 
 from __future__ import annotations
 
@@ -160,6 +161,18 @@ def chunk_topk(scores: torch.Tensor, kc: int, ties: torch.Tensor) -> tuple[torch
         s, r = lex_top(scores[b, cand][None], cand[None], ties[cand][None], kc)
         values[b], rows[b] = s[0], r[0]
     return values, rows
+
+
+def split_query(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q [B, D] fp32 -> [2B, D] in `dtype`: the rounded query, then what rounding lost.
+
+    Why: a GEMM in bf16 needs a bf16 query, and bf16 keeps 8 significant bits, so rounding the query
+    would add an error as large as the corpus's own rounding (recall drops, and cuda and CPU scores
+    would differ by ~1e-3). hi + lo carries ~16 bits; each product of bf16 values is exact in fp32,
+    so the scores match the widened-fp32 CPU path to ~1e-6 for the price of 2B query rows."""
+    hi = q.to(dtype)
+    lo = (q - hi.float()).to(dtype)
+    return torch.cat([hi, lo])
 
 
 def block_maxima(scores: torch.Tensor, block: int) -> torch.Tensor:

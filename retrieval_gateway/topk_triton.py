@@ -1,7 +1,7 @@
 """The split query's scores and their block maxima in one pass over the rows (Triton, cuda). No grpc
 import.
 
-`device_topk` scores bf16/fp16 rows against a query split into hi + lo terms (topk._split_query),
+`device_topk` scores bf16/fp16 rows against a query split into hi + lo terms (topk_chunks.split_query),
 then its prefilter reads the scores again for each block's max. With cuBLAS that is a [2B, c] fp32
 GEMM output, an add and an amax pass: at B=32 over 10M x 64 bf16 on an H200, 1.1 + 0.9 + 0.36 ms of
 device time for a 1.28 GB matrix (docs/decisions.md "GPU top-k"). Here each program multiplies one
@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from retrieval_gateway.topk_chunks import block_maxima
+from retrieval_gateway.topk_chunks import block_maxima, split_query
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,7 @@ def _self_check(device: torch.device, dtype: torch.dtype, block: int, dim: int) 
         rows = torch.randn(3 * block + 5, dim, generator=gen).to(dtype)
         deleted = torch.zeros(rows.shape[0]).index_fill_(0, torch.arange(0, rows.shape[0], 3), float("-inf"))
         for batch, bias in [(5, None), (5, deleted), (20, None), (20, deleted), (40, None), (40, deleted)]:
-            q = torch.randn(batch, dim, generator=gen)
-            hi = q.to(dtype)
-            lo = (q - hi.float()).to(dtype)
+            hi, lo = split_query(torch.randn(batch, dim, generator=gen), dtype).split(batch)
             want = hi.float() @ rows.float().T + lo.float() @ rows.float().T
             if bias is not None:
                 want += bias

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from retrieval_gateway import topk, topk_device
-from retrieval_gateway.topk import DEFAULT_MAX_SCORE_ELEMENTS, _split_query, accelerator_topk, exact_topk
+from retrieval_gateway.topk import DEFAULT_MAX_SCORE_ELEMENTS, accelerator_topk, exact_topk
+from retrieval_gateway.topk_chunks import split_query
 from tests.unit.test_gateway_topk import check, reference, unit
 
 
@@ -138,7 +139,7 @@ def test_device_path_without_ties_runs_once(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_split_query_keeps_about_16_bits(dtype):
     q = torch.from_numpy(unit(np.random.default_rng(6), 8, 64))
-    split = _split_query(q, dtype)
+    split = split_query(q, dtype)
     assert split.dtype == dtype and split.shape == (16, 64)
     rebuilt = split[:8].float() + split[8:].float()
     assert (rebuilt - q).abs().max() <= 2**-16 * q.abs().max()
