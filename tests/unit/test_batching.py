@@ -255,8 +255,10 @@ def test_linger_holds_a_batch_open_while_more_work_is_on_its_way():
         late = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
         await asyncio.sleep(0.05)
         assert not first.done()
-        upstream["busy"] = False  # nothing more on its way: the batch closes at the next arrival check
         last = asyncio.ensure_future(batcher.submit(3))
+        await asyncio.sleep(0.05)  # 3 joins the open batch (setting busy first would race its arrival
+        assert not first.done()  # against the batcher's next re-read of linger, every LINGER_POLL_S)
+        upstream["busy"] = False  # nothing more on its way: the batch closes at the next re-read
         assert await asyncio.wait_for(asyncio.gather(first, *late, last), 2) == [0, 1, 2, 3]
         alone = await asyncio.wait_for(batcher.submit(4), 2)  # nothing upstream: no wait at all
         await batcher.stop()
