@@ -11,10 +11,11 @@ import grpc
 import numpy as np
 import torch
 
-from retrieval_gateway.index import Query, SearchResult
+from retrieval_gateway.index import Attributes, Query, SearchResult
 from retrieval_gateway.sharding import ShardHits
 from shared import codec
 from shared.channels import RECONNECT_OPTIONS, balanced_options
+from shared.corpus_rows import NO_ATTRIBUTES
 from shared.errors import DeadlineExpired, InvalidInput, ModelMismatch, NotReady, ServiceError
 from shared.tls import ClientTLS, aio_channel
 from twotower.v1 import common_pb2, retrieval_gateway_pb2, retrieval_gateway_pb2_grpc
@@ -22,6 +23,7 @@ from twotower.v1 import common_pb2, retrieval_gateway_pb2, retrieval_gateway_pb2
 _SCORER = retrieval_gateway_pb2.DESCRIPTOR.services_by_name["ShardScorer"].full_name
 _GATEWAY = retrieval_gateway_pb2.DESCRIPTOR.services_by_name["RetrievalGateway"].full_name
 _FLOAT32 = (common_pb2.DTYPE_FLOAT32,)
+_INT64 = (common_pb2.DTYPE_INT64,)
 
 
 @dataclass(frozen=True)
@@ -89,32 +91,57 @@ def queries_from_request(request: retrieval_gateway_pb2.ScoreShardRequest, max_k
 def score_response(
     results: Sequence[SearchResult], shard_index: int, version: int, fingerprint: str
 ) -> retrieval_gateway_pb2.ScoreShardResponse:
+    """The shard's answer: its hits as columns (ShardHitColumns), attributes only where an item has
+    any (a corpus without attributes sends none)."""
     response = retrieval_gateway_pb2.ScoreShardResponse(
         corpus_version=version, model_fingerprint=fingerprint, shard_index=shard_index
     )
+    columns = response.hits
+    columns.counts.extend([len(r.post_ids) for r in results])
+    columns.post_ids.CopyFrom(codec.encode(_concat([r.post_ids for r in results], np.int64)))
+    columns.author_ids.CopyFrom(codec.encode(_concat([r.author_ids for r in results], np.int64)))
+    columns.scores.CopyFrom(codec.encode(_concat([r.scores for r in results], np.float32)))
+    add, at = columns.attributes.add, 0
     for r in results:
-        hits = response.results.add()
-        hits.post_ids.extend(r.post_ids.tolist())
-        hits.author_ids.extend(r.author_ids.tolist())
-        hits.scores.extend(r.scores.tolist())
-        add = hits.attributes.add
-        for a in r.attributes:
-            entry = add()
-            if a:
-                entry.attributes.update(a)  # faster than ItemAttributes(attributes=a)
+        for i, attrs in enumerate(r.attributes):
+            if attrs:
+                columns.attributed.append(at + i)
+                add().attributes.update(attrs)  # faster than ItemAttributes(attributes=attrs)
+        at += len(r.attributes)
     return response
 
 
-def hits_from_proto(hits: retrieval_gateway_pb2.ShardHits) -> ShardHits:
-    n = len(hits.post_ids)
-    if not (len(hits.author_ids) == len(hits.scores) == len(hits.attributes) == n):
-        raise NotReady("a shard sent hit columns of different lengths")
-    return ShardHits(
-        np.fromiter(hits.post_ids, np.int64, n),
-        np.fromiter(hits.author_ids, np.int64, n),
-        np.fromiter(hits.scores, np.float32, n),
-        [dict(a.attributes) if a.attributes else {} for a in hits.attributes],
-    )
+def hits_from_response(response: retrieval_gateway_pb2.ScoreShardResponse, queries: int) -> list[ShardHits]:
+    """The router's side: one ShardHits per query (views into the decoded columns), checked; raises
+    InvalidInput naming what is malformed (the caller makes that the shard's fault, not the user's)."""
+    columns = response.hits
+    counts = np.fromiter(columns.counts, np.int64, len(columns.counts))
+    if len(counts) != queries:
+        raise InvalidInput(f"hits for {len(counts)} queries, expected {queries}")
+    total = int(counts.sum())
+    post_ids = codec.decode_numpy(columns.post_ids, "post_ids", _INT64, shape=(total,))
+    author_ids = codec.decode_numpy(columns.author_ids, "author_ids", _INT64, shape=(total,))
+    scores = codec.decode_numpy(columns.scores, "scores", _FLOAT32, shape=(total,))
+    attributed = np.fromiter(columns.attributed, np.int64, len(columns.attributed))
+    if len(attributed) != len(columns.attributes):
+        raise InvalidInput(
+            f"{len(attributed)} attributed positions for {len(columns.attributes)} attribute maps"
+        )
+    if len(attributed) and (attributed[-1] >= total or (np.diff(attributed) <= 0).any()):
+        raise InvalidInput(f"attributed positions are not ascending below {total}")
+    attributes: list[Attributes] = [NO_ATTRIBUTES] * total
+    for pos, entry in zip(attributed.tolist(), columns.attributes, strict=True):
+        attributes[pos] = dict(entry.attributes)
+    hits, at = [], 0
+    for n in counts.tolist():
+        end = at + n
+        hits.append(ShardHits(post_ids[at:end], author_ids[at:end], scores[at:end], attributes[at:end]))
+        at = end
+    return hits
+
+
+def _concat(columns: list[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(columns).astype(dtype, copy=False) if columns else np.empty(0, dtype)
 
 
 # ---- the client ----------------------------------------------------------------------------------
@@ -140,15 +167,18 @@ class ShardClient:
             response = await self._scorer.ScoreShard(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise self._map_error(exc) from None
-        if len(response.results) != len(queries) or response.shard_index != self.index:
-            raise ShardUnavailable(
-                self.index, f"shard {self.index} at {self.address} sent a malformed answer"
-            )
         if response.model_fingerprint != fingerprint:
             raise ModelMismatch(
                 f"shard {self.index} serves model {response.model_fingerprint}, not {fingerprint}"
             )
-        hits = [hits_from_proto(h) for h in response.results]
+        try:
+            if response.shard_index != self.index:
+                raise InvalidInput(f"it says it is shard {response.shard_index}")
+            hits = hits_from_response(response, len(queries))
+        except InvalidInput as exc:
+            raise ShardUnavailable(
+                self.index, f"shard {self.index} at {self.address} sent a malformed answer: {exc}"
+            ) from None
         return ShardAnswer(self.index, hits, response.corpus_version, response.model_fingerprint)
 
     async def status(self, timeout: float) -> ShardStatus | None:

@@ -17,7 +17,7 @@ sorting the union by the same key gives exactly what one unsharded index returns
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,7 +67,7 @@ class ShardHits:
     post_ids: np.ndarray  # [n] int64
     author_ids: np.ndarray  # [n] int64
     scores: np.ndarray  # [n] float32
-    attributes: list[dict[str, str]]  # [n]
+    attributes: list[Mapping[str, str]]  # [n] (read-only for the caller)
 
 
 def merge_hits(parts: Sequence[ShardHits], k: int) -> ShardHits:
