@@ -4,6 +4,7 @@ directions, so the wire form of a shard's answer is defined in one file."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ _SCORER = retrieval_gateway_pb2.DESCRIPTOR.services_by_name["ShardScorer"].full_
 _GATEWAY = retrieval_gateway_pb2.DESCRIPTOR.services_by_name["RetrievalGateway"].full_name
 _FLOAT32 = (common_pb2.DTYPE_FLOAT32,)
 _INT64 = (common_pb2.DTYPE_INT64,)
+_COMPACT = {"separators": (",", ":"), "ensure_ascii": False}
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,14 @@ def score_response(
     columns.post_ids.CopyFrom(codec.encode(_concat([r.post_ids for r in results], np.int64)))
     columns.author_ids.CopyFrom(codec.encode(_concat([r.author_ids for r in results], np.int64)))
     columns.scores.CopyFrom(codec.encode(_concat([r.scores for r in results], np.float32)))
-    add, at = columns.attributes.add, 0
+    attributed, at = [], 0
     for r in results:
-        for i, attrs in enumerate(r.attributes):
-            if attrs:
-                columns.attributed.append(at + i)
-                add().attributes.update(attrs)  # faster than ItemAttributes(attributes=attrs)
+        attributed.extend(at + i for i, attrs in enumerate(r.attributes) if attrs)
         at += len(r.attributes)
+    if attributed:
+        flat = [a for r in results for a in r.attributes]
+        columns.attributed.extend(attributed)
+        columns.attributes_json = json.dumps([dict(flat[i]) for i in attributed], **_COMPACT).encode()
     return response
 
 
@@ -123,21 +126,33 @@ def hits_from_response(response: retrieval_gateway_pb2.ScoreShardResponse, queri
     author_ids = codec.decode_numpy(columns.author_ids, "author_ids", _INT64, shape=(total,))
     scores = codec.decode_numpy(columns.scores, "scores", _FLOAT32, shape=(total,))
     attributed = np.fromiter(columns.attributed, np.int64, len(columns.attributed))
-    if len(attributed) != len(columns.attributes):
-        raise InvalidInput(
-            f"{len(attributed)} attributed positions for {len(columns.attributes)} attribute maps"
-        )
     if len(attributed) and (attributed[-1] >= total or (np.diff(attributed) <= 0).any()):
         raise InvalidInput(f"attributed positions are not ascending below {total}")
+    maps = _attribute_maps(columns.attributes_json) if len(attributed) or columns.attributes_json else []
+    if len(maps) != len(attributed):
+        raise InvalidInput(f"{len(attributed)} attributed positions for {len(maps)} attribute maps")
     attributes: list[Attributes] = [NO_ATTRIBUTES] * total
-    for pos, entry in zip(attributed.tolist(), columns.attributes, strict=True):
-        attributes[pos] = dict(entry.attributes)
+    for pos, attrs in zip(attributed.tolist(), maps, strict=True):
+        attributes[pos] = attrs
     hits, at = [], 0
     for n in counts.tolist():
         end = at + n
         hits.append(ShardHits(post_ids[at:end], author_ids[at:end], scores[at:end], attributes[at:end]))
         at = end
     return hits
+
+
+def _attribute_maps(text: bytes) -> list[dict[str, str]]:
+    try:
+        maps = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise InvalidInput(f"attributes_json is not JSON: {exc}") from None
+    if type(maps) is not list:
+        raise InvalidInput("attributes_json is not a JSON array")
+    for attrs in maps:
+        if type(attrs) is not dict or not all(type(k) is str and type(v) is str for k, v in attrs.items()):
+            raise InvalidInput("attributes_json holds something other than objects of strings")
+    return maps
 
 
 def _concat(columns: list[np.ndarray], dtype: type) -> np.ndarray:

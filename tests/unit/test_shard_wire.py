@@ -93,6 +93,13 @@ def _position_without_map(r):
     r.hits.attributed.append(5)
 
 
+def _json(text):
+    def corrupt(r):
+        r.hits.attributes_json = text
+
+    return corrupt
+
+
 @pytest.mark.parametrize(
     "corrupt, problem",
     [
@@ -104,6 +111,12 @@ def _position_without_map(r):
         (_unordered_positions, "ascending"),
         (_position_past_the_end, "ascending below 6"),
         (_position_without_map, "4 attributed positions for 3"),
+        (_json(b'[{"a": "1"}, {"b": "2"}]'), "3 attributed positions for 2"),
+        (_json(b"[{"), "not JSON"),
+        (_json(b"\xff"), "not JSON"),
+        (_json(b'{"a": "1"}'), "not a JSON array"),
+        (_json(b'[{"a": "1"}, {"b": 2}, {}]'), "objects of strings"),
+        (_json(b'[{"a": "1"}, ["b"], {}]'), "objects of strings"),
     ],
 )
 def test_a_malformed_answer_is_refused_naming_what_is_wrong(corrupt, problem):
