@@ -36,6 +36,24 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     duration_s: float = 0.0
 
+    @classmethod
+    def combine(cls, results: list[LoadResult]) -> LoadResult:
+        """Several turns of one level as one result: samples pooled, counts and durations summed."""
+        if not results:
+            raise ValueError("nothing to combine")
+        errors: dict[str, int] = {}
+        for r in results:
+            for code, n in r.errors.items():
+                errors[code] = errors.get(code, 0) + n
+        return cls(
+            concurrency=results[0].concurrency,
+            sent=sum(r.sent for r in results),
+            ok=sum(r.ok for r in results),
+            errors=errors,
+            latencies_s=[t for r in results for t in r.latencies_s],
+            duration_s=sum(r.duration_s for r in results),
+        )
+
     def qps(self) -> float:
         """Successful calls per second of wall time (0 when nothing ran)."""
         return self.ok / self.duration_s if self.duration_s > 0 else 0.0

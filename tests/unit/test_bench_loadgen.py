@@ -82,6 +82,17 @@ def test_qps_and_percentiles():
     assert s["p50_ms"] == pytest.approx(2.5) and s["qps"] == pytest.approx(2.0)
 
 
+def test_turns_of_one_level_combine_into_one_result():
+    a = LoadResult(8, sent=3, ok=2, errors={"UNAVAILABLE": 1}, latencies_s=[0.01, 0.03], duration_s=1.0)
+    b = LoadResult(8, sent=2, ok=2, errors={}, latencies_s=[0.02, 0.04], duration_s=3.0)
+    both = LoadResult.combine([a, b])
+    assert (both.concurrency, both.sent, both.ok, both.errors) == (8, 5, 4, {"UNAVAILABLE": 1})
+    assert sorted(both.latencies_s) == [0.01, 0.02, 0.03, 0.04] and both.duration_s == 4.0
+    assert both.qps() == 1.0 and both.percentile_ms(50) == pytest.approx(25.0)
+    with pytest.raises(ValueError):
+        LoadResult.combine([])
+
+
 def test_percentile_edge_cases():
     assert math.isnan(percentile([], 50))
     assert percentile([7.0], 99) == 7.0
