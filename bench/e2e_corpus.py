@@ -94,30 +94,36 @@ def _movielens_requests(path: Path, k: int) -> list[retrieval_gateway_pb2.Retrie
     return out
 
 
-def synthetic(workdir: Path, n: int, k: int, seed: int = 0) -> Corpus:
+def synthetic(workdir: Path, n: int, k: int, seed: int = 0, attributes: bool = False) -> Corpus:
+    """n random items (with `attributes`: each with a title and a kind, like a real catalogue's) and
+    requests for a random-init default model."""
     from shared.model.checkpoint import random_model, save_checkpoint
     from shared.model.config import TowerConfig
 
-    root = workdir / f"synthetic_{n}_{seed}"
+    root = workdir / f"synthetic_{n}_{seed}{'_attributes' if attributes else ''}"
     checkpoint, items, done = root / "checkpoint", root / "items.jsonl", root / ".complete"
     if not done.exists():
         root.mkdir(parents=True, exist_ok=True)
         config = dataclasses.replace(TowerConfig(), history_len=SYNTHETIC_HISTORY)
         save_checkpoint(random_model(config, seed=seed), checkpoint)
         authors = np.random.default_rng(seed).integers(0, 1 << 20, size=n)
+        extra = ', "attributes": {{"title": "synthetic item {0}", "kind": "{1}"}}' if attributes else ""
+        kinds = ("video", "photo", "text")
         with items.open("w") as f:  # f-strings: json.dumps per line would take ~10 s for 1M items
             for start in range(0, n, 100_000):
                 stop = min(n, start + 100_000)
                 f.write(
                     "".join(
-                        f'{{"post_id": {i + 1}, "author_id": {authors[i]}}}\n' for i in range(start, stop)
+                        f'{{"post_id": {i + 1}, "author_id": {a}{extra.format(i + 1, kinds[i % 3])}}}\n'
+                        for i, a in zip(range(start, stop), authors[start:stop].tolist(), strict=True)
                     )
                 )
         done.write_text("ok\n")
     requests = _random_requests(np.arange(1, n + 1, dtype=np.int64), SYNTHETIC_HISTORY, k, False, seed + 1)
     return Corpus("synthetic", checkpoint, items, requests,
                   f"synthetic: {n:,} items, random-init default TowerConfig with history_len "
-                  f"{SYNTHETIC_HISTORY}, {SYNTHETIC_HISTORY} events per request, k={k}")  # fmt: skip
+                  f"{SYNTHETIC_HISTORY}, {SYNTHETIC_HISTORY} events per request, k={k}"
+                  f"{', two attributes per item' if attributes else ''}")  # fmt: skip
 
 
 def _random_requests(

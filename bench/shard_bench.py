@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=None, help="corpus size (default 1M, quick 100k)")
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--k", type=int, default=100)
+    p.add_argument(
+        "--attributes", action="store_true", help="items with two attributes each (a title, a kind)"
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     p.add_argument("--seconds", type=float, default=None, help="per level and gateway (default 10, quick 4)")
     p.add_argument("--rounds", type=int, default=3, help="alternating turns per gateway and level")
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
 
-    corpus = e2e_corpus.synthetic(args.workdir, n, args.k)
+    corpus = e2e_corpus.synthetic(args.workdir, n, args.k, attributes=args.attributes)
     payloads = [r.SerializeToString() for r in corpus.requests]
     logs = args.workdir / "logs" / "shard_bench"
     cache = args.workdir / "cache" / f"shard_bench_{n}"
@@ -179,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     merges = [merge_timing(s, 1000) for s in (2, 4, 8)]
     for m in merges:
         print(f"  merge of {m['shards']} x top-{m['k']}: p50 {m['p50_ms']:.3f} ms (min {m['min_ms']:.3f})")
-    out = write_json(args.out, {"machine": machine_info(), "items": n, "shards": args.shards, "k": args.k,
-                                "levels": levels, "merge": merges})  # fmt: skip
+    setup = {"items": n, "attributes": args.attributes, "shards": args.shards, "k": args.k}
+    out = write_json(args.out, {"machine": machine_info(), **setup, "levels": levels, "merge": merges})
     print(f"wrote {out}")
     return 0
 
