@@ -117,6 +117,8 @@ def score_response(
 def hits_from_response(response: retrieval_gateway_pb2.ScoreShardResponse, queries: int) -> list[ShardHits]:
     """The router's side: one ShardHits per query (views into the decoded columns), checked; raises
     InvalidInput naming what is malformed (the caller makes that the shard's fault, not the user's)."""
+    if not response.HasField("hits") and len(response.results):  # a shard of the previous release
+        return _hits_from_messages(response, queries)
     columns = response.hits
     counts = np.fromiter(columns.counts, np.int64, len(columns.counts))
     if len(counts) != queries:
@@ -140,6 +142,25 @@ def hits_from_response(response: retrieval_gateway_pb2.ScoreShardResponse, queri
         hits.append(ShardHits(post_ids[at:end], author_ids[at:end], scores[at:end], attributes[at:end]))
         at = end
     return hits
+
+
+def _hits_from_messages(response: retrieval_gateway_pb2.ScoreShardResponse, queries: int) -> list[ShardHits]:
+    """The answer of a shard that still sends one message per hit (`results`)."""
+    if len(response.results) != queries:
+        raise InvalidInput(f"hits for {len(response.results)} queries, expected {queries}")
+    out = []
+    for hits in response.results:
+        n = len(hits.post_ids)
+        if not (len(hits.author_ids) == len(hits.scores) == len(hits.attributes) == n):
+            raise InvalidInput("hit columns of different lengths")
+        scores = np.fromiter(hits.scores, np.float32, n)
+        if not np.isfinite(scores).all():
+            raise InvalidInput("non-finite scores")
+        out.append(ShardHits(
+            np.fromiter(hits.post_ids, np.int64, n), np.fromiter(hits.author_ids, np.int64, n), scores,
+            [dict(a.attributes) if a.attributes else NO_ATTRIBUTES for a in hits.attributes],
+        ))  # fmt: skip
+    return out
 
 
 def _attribute_maps(text: bytes) -> list[dict[str, str]]:

@@ -20,6 +20,7 @@ from retrieval_gateway.shard_client import (
 )
 from shared import codec
 from shared.errors import InvalidInput, ModelMismatch
+from twotower.v1 import retrieval_gateway_pb2
 
 MODEL = "model-a"
 
@@ -50,6 +51,36 @@ def test_columns_round_trip_every_query_with_its_attributes():
         assert got.author_ids.tolist() == want.author_ids.tolist()
         assert got.scores.tolist() == want.scores.tolist()
         assert [dict(a) for a in got.attributes] == [dict(a) for a in want.attributes]
+
+
+def _legacy(results, shard_index=1, version=3, fingerprint=MODEL):
+    """A shard of the previous release: one ShardHits message per query, one map message per hit."""
+    response = retrieval_gateway_pb2.ScoreShardResponse(
+        corpus_version=version, model_fingerprint=fingerprint, shard_index=shard_index
+    )
+    for r in results:
+        hits = response.results.add()
+        hits.post_ids.extend(r.post_ids.tolist())
+        hits.author_ids.extend(r.author_ids.tolist())
+        hits.scores.extend(r.scores.tolist())
+        for attrs in r.attributes:
+            hits.attributes.add().attributes.update(attrs)
+    return response
+
+
+def test_a_router_reads_the_answer_of_a_shard_of_the_previous_release():
+    hits = hits_from_response(_legacy(RESULTS), queries=len(RESULTS))
+    for got, want in zip(hits, RESULTS, strict=True):
+        assert got.post_ids.tolist() == want.post_ids.tolist()
+        assert got.author_ids.tolist() == want.author_ids.tolist()
+        assert got.scores.tolist() == want.scores.tolist()
+        assert [dict(a) for a in got.attributes] == [dict(a) for a in want.attributes]
+    with pytest.raises(InvalidInput, match="4 queries, expected 5"):
+        hits_from_response(_legacy(RESULTS), queries=5)
+    short = _legacy(RESULTS)
+    del short.results[2].scores[1]
+    with pytest.raises(InvalidInput, match="different lengths"):
+        hits_from_response(short, queries=len(RESULTS))
 
 
 def test_an_empty_batch_answer_is_well_formed():
