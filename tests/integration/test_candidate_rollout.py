@@ -365,17 +365,22 @@ def test_abort_stops_the_encoding_and_a_later_rollout_succeeds(config, checkpoin
 
 def test_a_start_whose_caller_gives_up_while_the_checkpoint_loads_is_not_left_running(config, checkpoint_b):
     async def body(app, stub):
-        loading = threading.Event()
+        loading, entered = threading.Event(), threading.Event()
         real = app.core.rollouts.load_encoder
 
         def slow_load(checkpoint):
+            entered.set()
             loading.wait(30)
             return real(checkpoint)
 
         app.core.rollouts.load_encoder = slow_load
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.StartRollout(pb.StartRolloutRequest(checkpoint=str(checkpoint_b)), timeout=0.5)
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The caller gives up once the load has begun (a deadline could fire before the handler starts
+        # the rollout on a slow machine, and then there would be nothing to abort).
+        call = stub.StartRollout(pb.StartRolloutRequest(checkpoint=str(checkpoint_b)), timeout=30)
+        assert await asyncio.to_thread(entered.wait, 30), "the rollout never began loading"
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
         status = await status_until(stub, lambda s: s.state != State.ENCODING, "ended")
         assert status.state == State.ABORTED and "cancelled" in status.error
         loading.set()

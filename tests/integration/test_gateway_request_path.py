@@ -52,12 +52,12 @@ def test_a_user_call_carries_its_tightest_callers_deadline_and_patient_callers_a
             h.user.gate = asyncio.Event()
             first = asyncio.ensure_future(h.retrieve(3, user=USER, timeout=20))
             await wait_until(lambda: _true(len(h.user.users_per_call) == 1), what="first call")
-            impatient = asyncio.ensure_future(h.retrieve(3, user=OTHER_USER, timeout=1.5))
+            impatient = asyncio.ensure_future(h.retrieve(3, user=OTHER_USER, timeout=3.0))
             patient = asyncio.ensure_future(h.retrieve(3, user=USER, timeout=20))
             await wait_until(lambda: _true(h.app.gateway.user_batcher.queued == 2), what="two queued")
             # call 1 answers at once; call 2 (both users) outlives the impatient caller's deadline;
             # call 3 (the patient caller alone, sent again) answers at once
-            h.user.delays = [0.0, 5.0, 0.0]
+            h.user.delays = [0.0, 10.0, 0.0]
             h.user.gate.set()
             results = await asyncio.gather(first, impatient, patient, return_exceptions=True)
             assert ids(results[0]) == brute(h.cand.items, h.user.vectors[USER], 3)
@@ -66,7 +66,7 @@ def test_a_user_call_carries_its_tightest_callers_deadline_and_patient_callers_a
             assert ids(results[2]) == brute(h.cand.items, h.user.vectors[USER], 3)
             assert h.user.users_per_call == [1, 2, 1], h.user.users_per_call
             shared_call_budget = h.user.time_remaining[1]
-            assert shared_call_budget is not None and shared_call_budget < 2.0  # not the patient 20 s
+            assert shared_call_budget is not None and shared_call_budget < 3.5  # not the patient 20 s
 
     run(main())
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 import torch
 
 from bench.common import free_port, parse_metrics
@@ -37,6 +38,10 @@ from twotower.v1 import (
 )
 from twotower_cli.stack import build as stack_services
 from user_service.encoder import UserEncoder
+
+# ~75 s on 2 cores; its own bounds (a rollout's TIMEOUT_S, the whole run's 360 s) must be reachable
+# before pyproject's 120 s per test (fixture set-up included) on a slower runner.
+pytestmark = pytest.mark.timeout(420)
 
 CLIENTS = 8
 ITEMS = 20_000

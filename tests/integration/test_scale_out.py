@@ -42,6 +42,10 @@ from tests.conftest import TINY
 from tests.support import ServiceProcess
 from twotower.v1 import common_pb2, retrieval_gateway_pb2, retrieval_gateway_pb2_grpc
 
+# ~80 s on 2 cores (20 s of it the module's 12 processes importing torch), against pyproject's 120 s per
+# test, set-up included: room for a runner twice as slow, within the bounds below (START_S, CALL_S, ...).
+pytestmark = pytest.mark.timeout(420)
+
 N_ITEMS = 3000
 N_AUTHORS = 40
 N_REQUESTS = 1000  # random requests compared before the corpus changes ...

@@ -25,7 +25,10 @@ from twotower.v1 import retrieval_gateway_pb2_grpc as gw_grpc
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(300)]
 
 CONCURRENCY = 4
-DEADLINE_S = 2.0
+# Each call's deadline: long enough that a stall of a busy 2-core runner is not counted as a failure
+# (the tests assert zero failures, or UNAVAILABLE only); an outage must fail faster than FAIL_FAST_S.
+DEADLINE_S = 10.0
+FAIL_FAST_S = 5.0
 RECOVER_S = 20.0  # bound on noticing a fault / recovering from it
 
 
@@ -90,7 +93,7 @@ def test_user_service_sigkill_unavailable_then_recovers_without_gateway_restart(
         assert set(before) == {"OK"} and before["OK"] > 0
         assert down.get("UNAVAILABLE", 0) > 0  # the outage was seen ...
         assert {o.code for o in failed} == {"UNAVAILABLE"}  # ... as UNAVAILABLE only, never INTERNAL
-        assert all(o.end - o.start < DEADLINE_S for o in failed)  # within the deadline, not at it
+        assert all(o.end - o.start < FAIL_FAST_S for o in failed)  # fast, not at the deadline
         assert pid_alive(gateway_pid) and stack.procs["gateway"].proc.poll() is None  # never restarted
     finally:
         stack.stop_all()
@@ -133,7 +136,9 @@ def test_candidate_sigkill_keeps_serving_resyncs_keeps_acked_upserts_and_swaps_s
             events["kill"] = time.monotonic()
             stack.procs["candidate"].kill()
             time.sleep(2.0)  # the gateway serves the last corpus meanwhile
-            assert not _gateway_status(stack).candidate_service_connected
+            wait_until(
+                lambda: not _gateway_status(stack).candidate_service_connected, "disconnect seen", RECOVER_S
+            )
             stack.start("candidate")  # same items, same cache: resumes from the version the gateway holds
             wait_until(lambda: _gateway_status(stack).candidate_service_connected, "resync", RECOVER_S)
             events["resynced"] = time.monotonic()

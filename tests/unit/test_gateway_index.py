@@ -2,6 +2,7 @@
 snapshot swaps under concurrent searches; info() never waits for a search."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -172,15 +173,22 @@ def test_snapshot_swap_under_concurrent_search_never_mixes_versions():
                     errors.append((res.version, ids(res)[:3]))
                 seen.add(res.version)
 
+    def wait_for(version):  # bounded: the searchers must see the first and the last snapshot
+        deadline = time.monotonic() + 10
+        while version not in seen and time.monotonic() < deadline:
+            time.sleep(0.001)
+
     threads = [threading.Thread(target=searcher) for _ in range(3)]
     for t in threads:
         t.start()
+    wait_for(1)
     for v in range(2, 30):
         snapshot(v)
+    wait_for(29)
     stop.set()
     for t in threads:
         t.join(10)
-    assert not errors and len(seen) > 1
+    assert not errors and {1, 29} <= seen
 
 
 def test_info_does_not_wait_for_a_search_in_flight(monkeypatch):

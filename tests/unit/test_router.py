@@ -166,12 +166,12 @@ def test_the_tightest_deadline_of_the_batch_bounds_every_shard_call():
         for s in shards:
             [(n, fingerprint, timeout)] = s.score_calls
             assert n == 3 and fingerprint == MODEL
-            assert 0.3 < timeout <= 0.5
+            assert 0.0 < timeout <= 0.5  # the 0.5 s query's (a lower bound would race a slow machine)
         # none with a deadline: the default; a deadline already past: a tiny positive timeout
         for s in shards:
             s.score_calls.clear()
         await r.search([query()])
-        assert all(0.9 * DEFAULT_TIMEOUT_S < s.score_calls[0][2] <= DEFAULT_TIMEOUT_S for s in shards)
+        assert all(DEFAULT_TIMEOUT_S / 2 < s.score_calls[0][2] <= DEFAULT_TIMEOUT_S for s in shards)
         for s in shards:
             s.score_calls.clear()
         await r.search([query(deadline=now - 1.0)])
