@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import grpc
 import numpy as np
@@ -103,14 +104,14 @@ def score_response(
     columns.post_ids.CopyFrom(codec.encode(_concat([r.post_ids for r in results], np.int64)))
     columns.author_ids.CopyFrom(codec.encode(_concat([r.author_ids for r in results], np.int64)))
     columns.scores.CopyFrom(codec.encode(_concat([r.scores for r in results], np.float32)))
-    attributed, at = [], 0
-    for r in results:
-        attributed.extend(at + i for i, attrs in enumerate(r.attributes) if attrs)
-        at += len(r.attributes)
+    flat = [a for r in results for a in r.attributes]
+    attributed = [i for i, attrs in enumerate(flat) if attrs]
     if attributed:
-        flat = [a for r in results for a in r.attributes]
         columns.attributed.extend(attributed)
-        columns.attributes_json = json.dumps([dict(flat[i]) for i in attributed], **_COMPACT).encode()
+        maps = flat if len(attributed) == len(flat) else [flat[i] for i in attributed]
+        # json serialises dicts only; the index's maps are dicts, its empty one a read-only mapping
+        maps = [a if type(a) is dict else dict(a) for a in maps]
+        columns.attributes_json = json.dumps(maps, **_COMPACT).encode()
     return response
 
 
@@ -133,9 +134,12 @@ def hits_from_response(response: retrieval_gateway_pb2.ScoreShardResponse, queri
     maps = _attribute_maps(columns.attributes_json) if len(attributed) or columns.attributes_json else []
     if len(maps) != len(attributed):
         raise InvalidInput(f"{len(attributed)} attributed positions for {len(maps)} attribute maps")
-    attributes: list[Attributes] = [NO_ATTRIBUTES] * total
-    for pos, attrs in zip(attributed.tolist(), maps, strict=True):
-        attributes[pos] = attrs
+    if len(maps) == total:  # every hit has attributes (positions ascending below total: all of them)
+        attributes: list[Attributes] = maps
+    else:
+        attributes = [NO_ATTRIBUTES] * total
+        for pos, attrs in zip(attributed.tolist(), maps, strict=True):
+            attributes[pos] = attrs
     hits, at = [], 0
     for n in counts.tolist():
         end = at + n
@@ -170,9 +174,11 @@ def _attribute_maps(text: bytes) -> list[dict[str, str]]:
         raise InvalidInput(f"attributes_json is not JSON: {exc}") from None
     if type(maps) is not list:
         raise InvalidInput("attributes_json is not a JSON array")
-    for attrs in maps:
-        if type(attrs) is not dict or not all(type(k) is str and type(v) is str for k, v in attrs.items()):
-            raise InvalidInput("attributes_json holds something other than objects of strings")
+    # JSON keys are always strings; the element and value types are checked in C (map and set), not
+    # in a Python loop: this runs on the router's event loop for every hit with attributes.
+    values = chain.from_iterable(map(dict.values, maps)) if set(map(type, maps)) <= {dict} else [None]
+    if not set(map(type, values)) <= {str}:
+        raise InvalidInput("attributes_json holds something other than objects of strings")
     return maps
 
 

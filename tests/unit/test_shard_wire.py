@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.shard_wire_bench import measure, per_hit_response, results
 from retrieval_gateway.index import Query, SearchResult
 from retrieval_gateway.shard_client import (
     ShardClient,
@@ -20,7 +21,6 @@ from retrieval_gateway.shard_client import (
 )
 from shared import codec
 from shared.errors import InvalidInput, ModelMismatch
-from twotower.v1 import retrieval_gateway_pb2
 
 MODEL = "model-a"
 
@@ -53,34 +53,28 @@ def test_columns_round_trip_every_query_with_its_attributes():
         assert [dict(a) for a in got.attributes] == [dict(a) for a in want.attributes]
 
 
-def _legacy(results, shard_index=1, version=3, fingerprint=MODEL):
-    """A shard of the previous release: one ShardHits message per query, one map message per hit."""
-    response = retrieval_gateway_pb2.ScoreShardResponse(
-        corpus_version=version, model_fingerprint=fingerprint, shard_index=shard_index
-    )
-    for r in results:
-        hits = response.results.add()
-        hits.post_ids.extend(r.post_ids.tolist())
-        hits.author_ids.extend(r.author_ids.tolist())
-        hits.scores.extend(r.scores.tolist())
-        for attrs in r.attributes:
-            hits.attributes.add().attributes.update(attrs)
-    return response
-
-
 def test_a_router_reads_the_answer_of_a_shard_of_the_previous_release():
-    hits = hits_from_response(_legacy(RESULTS), queries=len(RESULTS))
+    old = per_hit_response(RESULTS, shard_index=1, version=3, fingerprint=MODEL)  # as such a shard built it
+    hits = hits_from_response(old, queries=len(RESULTS))
     for got, want in zip(hits, RESULTS, strict=True):
         assert got.post_ids.tolist() == want.post_ids.tolist()
         assert got.author_ids.tolist() == want.author_ids.tolist()
         assert got.scores.tolist() == want.scores.tolist()
         assert [dict(a) for a in got.attributes] == [dict(a) for a in want.attributes]
     with pytest.raises(InvalidInput, match="4 queries, expected 5"):
-        hits_from_response(_legacy(RESULTS), queries=5)
-    short = _legacy(RESULTS)
-    del short.results[2].scores[1]
+        hits_from_response(old, queries=5)
+    del old.results[2].scores[1]
     with pytest.raises(InvalidInput, match="different lengths"):
-        hits_from_response(short, queries=len(RESULTS))
+        hits_from_response(old, queries=len(RESULTS))
+
+
+def test_every_hit_with_attributes_round_trips_too():
+    every = [result([3, 1], [{"t": "a"}, {"t": "b", "k": "x"}]), result([7], [{"t": "c"}])]
+    response = score_response(every, shard_index=0, version=3, fingerprint=MODEL)
+    assert list(response.hits.attributed) == [0, 1, 2]
+    hits = hits_from_response(type(response).FromString(response.SerializeToString()), queries=2)
+    want = [[{"t": "a"}, {"t": "b", "k": "x"}], [{"t": "c"}]]
+    assert [[dict(a) for a in h.attributes] for h in hits] == want
 
 
 def test_an_empty_batch_answer_is_well_formed():
@@ -207,3 +201,10 @@ def test_the_request_carries_every_query():
     assert [list(q.exclude_post_ids) for q in request.queries] == [[0], [1], [2]]
     assert codec.decode_numpy(request.embeddings).tolist() == [[float(i)] * 4 for i in range(3)]
     assert (request.shard_index, request.num_shards, request.model_fingerprint) == (2, 4, MODEL)
+
+
+def test_the_wire_benchmark_measures_both_forms():
+    for attributes in (False, True):
+        timings = measure(results(2, 5, attributes), reps=2)
+        assert set(timings) == {"build (shard)", "read (router)"}
+        assert all(a > 0 and b > 0 for a, b in timings.values())
