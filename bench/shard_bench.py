@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     corpus = e2e_corpus.synthetic(args.workdir, n, args.k, attributes=args.attributes)
     payloads = [r.SerializeToString() for r in corpus.requests]
     logs = args.workdir / "logs" / "shard_bench"
-    cache = args.workdir / "cache" / f"shard_bench_{n}"
+    # One item store per corpus (its folder names size, seed and attributes): the store is the corpus of
+    # record, and candidate_service rightly refuses to apply another corpus's items file over it.
+    cache = args.workdir / "cache" / f"shard_bench_{corpus.items.parent.name}"
     ck = ["--checkpoint", str(corpus.checkpoint)]
     candidate = ServiceProcess(
         "candidate_service", [*ck, "--items", str(corpus.items), "--cache-dir", str(cache)], logs
