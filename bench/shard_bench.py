@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "--attributes", action="store_true", help="items with two attributes each (a title, a kind)"
     )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--seconds", type=float, default=None, help="per level and gateway (default 10, quick 4)")
+    p.add_argument("--seconds", type=float, default=None, help="per turn (default 10, quick 3)")
     p.add_argument("--rounds", type=int, default=3, help="alternating turns per gateway and level")
     p.add_argument("--max-requests", type=int, default=20_000)
     p.add_argument("--workdir", type=Path, default=Path(".cache/bench"))
