@@ -52,6 +52,7 @@ from user_service.config import CPU_TOWERS  # noqa: E402
 RETRIEVE = "/twotower.v1.RetrievalGateway/Retrieve"
 STATUS = "/twotower.v1.RetrievalGateway/GetStatus"
 CALL_TIMEOUT_S = 30.0
+WARM_UP_REQUESTS = 32  # per turn, before its measured load (warms the channel)
 RSS_FLAT_PCT = 10.0  # growth over the measured levels beyond this is reported as not flat
 
 
@@ -104,7 +105,7 @@ async def drive(
             return await call(requests[i % len(requests)], timeout=CALL_TIMEOUT_S)
 
         await run_load(
-            one, concurrency=min(concurrency, 8), max_requests=32, max_seconds=10
+            one, concurrency=min(concurrency, 8), max_requests=WARM_UP_REQUESTS, max_seconds=10
         )  # warm the channel
         return await run_load(
             one, concurrency=concurrency, max_requests=args.max_requests, max_seconds=args.seconds

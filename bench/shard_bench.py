@@ -27,10 +27,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import e2e_corpus
 from bench.common import ServiceProcess, machine_info, mean_ms, wait_serving, write_json
-from bench.e2e_bench import drive
+from bench.e2e_bench import WARM_UP_REQUESTS, drive
 from bench.loadgen import LoadResult
 from retrieval_gateway.sharding import ShardHits, merge_hits
 from shared.progress import print_above, progress_over
+
+
+class _ThisProcess:
+    """The load generator (this process) where the CPU accounting expects a ServiceProcess."""
+
+    @staticmethod
+    def cpu() -> float:
+        return time.process_time()
+
+
+_LOADGEN = _ThisProcess()
+
+
+def _roles(processes: int) -> list[str]:
+    """Names of a turn's gateway processes: one gateway, or a router and its shards."""
+    return ["gateway"] if processes == 1 else ["router", *(f"shard{i}" for i in range(processes - 1))]
 
 
 def merge_timing(shards: int, k: int, reps: int = 200) -> dict[str, float]:
@@ -68,32 +84,49 @@ def stages(scrapes: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str
         "scoring": mean_ms(ga, gb, lat, '{stage="scoring"}'),
         "batch": mean_ms(ga, gb, "twotower_gateway_batch_compute_seconds"),  # a router's: the fan-out
     }
+    size = mean_ms(ga, gb, "twotower_gateway_batch_size")  # (a mean of queries, not of ms)
+    sizes = {"queries_per_batch": None if size is None else size / 1e3}
     method = '{method="/twotower.v1.ShardScorer/ScoreShard"}'
     for i, (sb, sa) in enumerate(shards):
         out[f"shard{i}_ScoreShard"] = mean_ms(sa, sb, "twotower_rpc_seconds", method)
-    return {k: None if v is None else round(v, 3) for k, v in out.items()}
+    return {k: None if v is None else round(v, 3) for k, v in {**out, **sizes}.items()}
 
 
 def measure_level(
     c: int, gateways: dict[str, tuple[ServiceProcess, list[ServiceProcess]]], payloads: list[bytes],
-    args: argparse.Namespace,
+    shared: dict[str, ServiceProcess], args: argparse.Namespace,
 ) -> dict[str, object]:  # fmt: skip
     """One concurrency level: `args.rounds` rounds of one turn per gateway, the order reversed every
     other round (A B, B A, ...), so that a drift of the shared machine's load (other jobs, a slow
     minute) falls on both alike. The added p50 is the median over rounds of router minus unsharded in
-    the same round; each gateway's row pools its turns."""
+    the same round; each gateway's row pools its turns. CPU per request (median over its turns) counts
+    each process of a turn's stack, user_service and the load generator (this process) included: at
+    c=8 the two CPUs are the bottleneck, so what the fan-out adds to a request's CPU is what it adds
+    to the latency (the machine serves c / p50 requests a second)."""
     turns: dict[str, list[LoadResult]] = {name: [] for name in gateways}
+    cpu: dict[str, list[dict[str, float]]] = {name: [] for name in gateways}
     before = {name: [g.metrics() for g in watched] for name, (_, watched) in gateways.items()}
     names = list(gateways)
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            turns[name].append(asyncio.run(drive(gateways[name][0].address, payloads, c, args)))
+            watched = gateways[name][1]
+            processes = {**dict(zip(_roles(len(watched)), watched, strict=True)), **shared}
+            cpu_before = {role: p.cpu() for role, p in processes.items()}
+            result = asyncio.run(drive(gateways[name][0].address, payloads, c, args))
+            answered = result.ok + result.error_count() + WARM_UP_REQUESTS
+            cpu[name].append({
+                role: 1e3 * (p.cpu() - cpu_before[role]) / answered for role, p in processes.items()
+            })  # fmt: skip
+            turns[name].append(result)
     row: dict[str, object] = {"concurrency": c, "rounds": args.rounds}
     for name, (_, watched) in gateways.items():
         after = [g.metrics() for g in watched]  # a gateway's metrics move only in its own turns
         summary = LoadResult.combine(turns[name]).summary()
         summary["turn_p50_ms"] = [round(t.percentile_ms(50), 3) for t in turns[name]]
         summary["stages_ms"] = stages(list(zip(before[name], after, strict=True)))
+        summary["cpu_ms_per_request"] = {
+            role: round(float(np.median([t[role] for t in cpu[name]])), 3) for role in cpu[name][0]
+        }
         row[name] = summary
         print_above(
             f"  c={c:3d} {name:>12}: {summary['qps']:7.1f} QPS  p50 {summary['p50_ms']:7.2f}  "
@@ -103,6 +136,11 @@ def measure_level(
         print_above("                 mean ms: " + "  ".join(
             f"{k} {v:.2f}" for k, v in summary["stages_ms"].items() if v is not None
         ))  # fmt: skip
+        per_request = summary["cpu_ms_per_request"]
+        print_above(
+            f"                 CPU ms per request: total {sum(per_request.values()):.2f}  "
+            + "  ".join(f"{k} {v:.2f}" for k, v in per_request.items())
+        )
     unsharded, routed = (turns[name] for name in names)
     added = [b.percentile_ms(50) - a.percentile_ms(50) for a, b in zip(unsharded, routed, strict=True)]
     row["p50_added_ms"] = round(float(np.median(added)), 3)
@@ -123,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--attributes", action="store_true", help="items with two attributes each (a title, a kind)"
     )
+    p.add_argument(
+        "--shard-torch-threads", type=int, default=None,
+        help="each shard's --torch-threads (default: the gateways' own default, the usable CPUs)",
+    )  # fmt: skip
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     p.add_argument("--seconds", type=float, default=None, help="per turn (default 10, quick 3)")
     p.add_argument("--rounds", type=int, default=3, help="alternating turns per gateway and level")
@@ -158,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             "retrieval_gateway", [*upstream, "--candidate-service", candidate.address], logs
         )
         role = ["--candidate-service", candidate.address, "--role", "shard", "--num-shards", str(args.shards)]
+        if args.shard_torch_threads is not None:
+            role += ["--torch-threads", str(args.shard_torch_threads)]
         shards = [
             ServiceProcess(
                 "retrieval_gateway", [*upstream, *role, "--shard-index", str(i)], logs / f"shard{i}"
@@ -177,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(wait_serving(router))
         gateways = {"unsharded": (single, [single]), f"router S={args.shards}": (router, [router, *shards])}
         for c in progress_over(args.concurrency, "shard_bench levels", unit="level"):
-            levels.append(measure_level(c, gateways, payloads, args))
+            shared = {"user_service": user, "loadgen": _LOADGEN}
+            levels.append(measure_level(c, gateways, payloads, shared, args))
     finally:
         for s in reversed(started):
             s.stop()

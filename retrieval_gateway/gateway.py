@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -449,7 +450,7 @@ class Gateway:
                 info.version, info.fingerprint,
             )  # fmt: skip
             return [empty] * len(queries), info.version, info.fingerprint
-        results = await asyncio.to_thread(self.index.search, queries)
+        results = await asyncio.to_thread(functools.partial(self.index.search, queries, encoded=True))
         errors = [r for r in results if isinstance(r, Exception)]
         if errors:
             raise errors[0]  # the same model for every query: a mismatch is the whole call's

@@ -86,7 +86,8 @@ class SearchResult:
     post_ids: np.ndarray  # [n] int64
     author_ids: np.ndarray  # [n] int64
     scores: np.ndarray  # [n] float32
-    attributes: list[Attributes]  # [n]
+    # [n]: decoded maps, or (a shard's search, see CorpusIndex.search) still encoded
+    attributes: list[Attributes] | AttributeColumn
     version: int
     fingerprint: str
     # A router's result: shards that did not answer (allow_partial only) and each shard's version
@@ -97,10 +98,13 @@ class SearchResult:
     @property
     def hits(self) -> list[Hit]:
         """Row objects, for callers that want them (tests, tools); the serving path reads columns."""
+        attributes = self.attributes
+        if isinstance(attributes, AttributeColumn):
+            attributes = attributes.decode()
         return [
             Hit(p, a, s, attrs)
             for p, a, s, attrs in zip(
-                self.post_ids.tolist(), self.author_ids.tolist(), self.scores.tolist(), self.attributes,
+                self.post_ids.tolist(), self.author_ids.tolist(), self.scores.tolist(), attributes,
                 strict=True,
             )
         ]  # fmt: skip
@@ -188,9 +192,11 @@ class CorpusIndex:
         """The current corpus's version, fingerprint, size and dim; never waits for a search."""
         return self._info
 
-    def search(self, queries: Sequence[Query]) -> list[SearchResult | Exception]:
+    def search(self, queries: Sequence[Query], *, encoded: bool = False) -> list[SearchResult | Exception]:
         """Score all queries in one [B, D] @ [D, N] pass against one corpus version. A query whose
-        fingerprint differs from the corpus's gets ModelMismatch (only that query)."""
+        fingerprint differs from the corpus's gets ModelMismatch (only that query). encoded: the
+        results' attributes as AttributeColumns, the stored bytes not decoded (a shard passes them on
+        to its router as they are)."""
         with self._lock:
             c = self._corpus
             if c is None:
@@ -228,12 +234,15 @@ class CorpusIndex:
             else:
                 hit_rows = top[np.arange(top.shape[1]) < full[:, None]]  # row-major: query by query
             post_ids, author_ids = rows.post_ids[hit_rows], rows.author_ids[hit_rows]
-            attributes = rows.attributes(hit_rows)  # decoded only for the hits, in one pass
+            # decoded (or gathered, still encoded) only for the hits, in one pass
+            column = rows.attribute_column(hit_rows) if encoded else None
+            maps = rows.attributes(hit_rows) if column is None else []
             at = 0
             for b, i in enumerate(todo):
                 n = counts[b]
                 results[i] = SearchResult(
-                    post_ids[at : at + n], author_ids[at : at + n], scores[b, :n], attributes[at : at + n],
+                    post_ids[at : at + n], author_ids[at : at + n], scores[b, :n],
+                    maps[at : at + n] if column is None else column.rows(at, at + n),
                     rows.version, rows.fingerprint,
                 )  # fmt: skip
                 at += n

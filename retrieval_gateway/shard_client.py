@@ -17,7 +17,7 @@ from retrieval_gateway.index import Attributes, Query, SearchResult
 from retrieval_gateway.sharding import ShardHits
 from shared import codec
 from shared.channels import RECONNECT_OPTIONS, balanced_options
-from shared.corpus_rows import NO_ATTRIBUTES
+from shared.corpus_rows import NO_ATTRIBUTES, AttributeColumn
 from shared.errors import DeadlineExpired, InvalidInput, ModelMismatch, NotReady, ServiceError
 from shared.tls import ClientTLS, aio_channel
 from twotower.v1 import common_pb2, retrieval_gateway_pb2, retrieval_gateway_pb2_grpc
@@ -95,7 +95,8 @@ def score_response(
     results: Sequence[SearchResult], shard_index: int, version: int, fingerprint: str
 ) -> retrieval_gateway_pb2.ScoreShardResponse:
     """The shard's answer: its hits as columns (ShardHitColumns), attributes only where an item has
-    any (a corpus without attributes sends none)."""
+    any (a corpus without attributes sends none). Attributes still encoded (the index's search with
+    encoded=True) go out as stored, neither decoded nor encoded again."""
     response = retrieval_gateway_pb2.ScoreShardResponse(
         corpus_version=version, model_fingerprint=fingerprint, shard_index=shard_index
     )
@@ -104,15 +105,31 @@ def score_response(
     columns.post_ids.CopyFrom(codec.encode(_concat([r.post_ids for r in results], np.int64)))
     columns.author_ids.CopyFrom(codec.encode(_concat([r.author_ids for r in results], np.int64)))
     columns.scores.CopyFrom(codec.encode(_concat([r.scores for r in results], np.float32)))
-    flat = [a for r in results for a in r.attributes]
-    attributed = [i for i, attrs in enumerate(flat) if attrs]
-    if attributed:
+    attributed, text = _attributes_json(results)
+    if len(attributed):
         columns.attributed.extend(attributed)
-        maps = flat if len(attributed) == len(flat) else [flat[i] for i in attributed]
-        # json serialises dicts only; the index's maps are dicts, its empty one a read-only mapping
-        maps = [a if type(a) is dict else dict(a) for a in maps]
-        columns.attributes_json = json.dumps(maps, **_COMPACT).encode()
+        columns.attributes_json = text
     return response
+
+
+def _attributes_json(results: Sequence[SearchResult]) -> tuple[list[int], bytes]:
+    """(positions of the hits with attributes, in the concatenation; their attributes as one JSON
+    array)."""
+    if all(isinstance(r.attributes, AttributeColumn) for r in results):  # a shard's search: as stored
+        attributed, text = AttributeColumn.concat([r.attributes for r in results]).json_array()
+        return attributed.tolist(), text
+    flat = [a for r in results for a in _maps(r.attributes)]
+    attributed = [i for i, attrs in enumerate(flat) if attrs]
+    if not attributed:
+        return [], b""
+    maps = flat if len(attributed) == len(flat) else [flat[i] for i in attributed]
+    # json serialises dicts only; the index's maps are dicts, its empty one a read-only mapping
+    maps = [a if type(a) is dict else dict(a) for a in maps]
+    return attributed, json.dumps(maps, **_COMPACT).encode()
+
+
+def _maps(attributes: list[Attributes] | AttributeColumn) -> list[Attributes]:
+    return attributes.decode() if isinstance(attributes, AttributeColumn) else attributes
 
 
 def hits_from_response(response: retrieval_gateway_pb2.ScoreShardResponse, queries: int) -> list[ShardHits]:

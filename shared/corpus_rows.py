@@ -23,6 +23,7 @@ row numbers:
     rows.free_rows()                       # rows [0, used) that hold no item: mask them out of a search
     kept = rows.compact()                  # optional: drop free rows; owner does matrix = matrix[kept]
     rows.columns()                         # (post ids, author ids, AttributeColumn) of the live rows
+    rows.attribute_column(row_numbers)     # encoded, not decoded: what a shard passes on to its router
 
 A free row (deleted, not yet reused) has post id 0 and no attributes; later upserts reuse free rows
 before growing, so row order is not insertion order. `version` moves only through `apply`.
@@ -169,6 +170,40 @@ class AttributeColumn:
 
     def decode(self) -> list[Mapping[str, str]]:
         return _decode(self.data, self.offsets[:-1], np.diff(self.offsets))
+
+    def rows(self, start: int, stop: int) -> AttributeColumn:
+        """Rows [start, stop): views of this column's bytes, no copy."""
+        a, b = int(self.offsets[start]), int(self.offsets[stop])
+        return AttributeColumn(self.data[a:b], self.offsets[start : stop + 1] - a)
+
+    @classmethod
+    def concat(cls, columns: Sequence[AttributeColumn]) -> AttributeColumn:
+        if len(columns) == 1:
+            return columns[0]
+        data = np.concatenate([c.data for c in columns]) if columns else np.zeros(0, np.uint8)
+        lengths = np.concatenate([np.diff(c.offsets) for c in columns]) if columns else _EMPTY_I64
+        offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(data, offsets)
+
+    def json_array(self) -> tuple[np.ndarray, bytes]:
+        """(the rows that have attributes [m] ascending, their attributes as the text of one JSON array
+        of m objects; b"" when m = 0), gathered from the encoded bytes without decoding them: how a
+        shard sends its hits' attributes on."""
+        lengths = np.diff(self.offsets)
+        filled = np.flatnonzero(lengths)
+        if not len(filled):
+            return filled, b""
+        starts = self.offsets[filled]
+        parts = [
+            _gather(
+                self.data, starts[lo : lo + _GATHER_ROWS], lengths[filled[lo : lo + _GATHER_ROWS]], sep=True
+            )
+            for lo in range(0, len(filled), _GATHER_ROWS)
+        ]
+        if len(parts) == 1:
+            return filled, parts[0].tobytes()
+        return filled, b"[" + b",".join(part[1:-1].tobytes() for part in parts) + b"]"
 
 
 class AttributeColumnBuilder:
@@ -449,6 +484,11 @@ class CorpusRows:
         """Copies of (post ids, author ids, attributes) of `rows` (default: the live rows, in row order),
         e.g. to stream a snapshot."""
         rows = self.live_rows() if rows is None else np.asarray(rows, np.int64)
+        return self._post_ids[rows], self._author_ids[rows], self.attribute_column(rows)
+
+    def attribute_column(self, rows: np.ndarray) -> AttributeColumn:
+        """The encoded attributes of `rows` (a copy; nothing decoded), e.g. a shard's hits."""
+        rows = np.asarray(rows, np.int64)
         lengths = self._attr_len[rows].astype(np.int64)
         offsets = np.zeros(len(rows) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -459,7 +499,7 @@ class CorpusRows:
             block = _gather(self._arena, self._attr_start[rows[which]], lengths[which], sep=False)
             first = int(offsets[which[0]])
             data[first : first + len(block)] = block  # rows without attributes add no bytes in between
-        return self._post_ids[rows], self._author_ids[rows], AttributeColumn(data, offsets)
+        return AttributeColumn(data, offsets)
 
     # ---- changing --------------------------------------------------------------------------------
     def check(self, delta: Delta) -> None:

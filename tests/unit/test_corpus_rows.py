@@ -5,6 +5,7 @@ the apply order, compaction, attribute encoding and the memory budget per item."
 from __future__ import annotations
 
 import contextlib
+import json
 from unittest import mock
 
 import numpy as np
@@ -192,6 +193,35 @@ def test_attribute_encoding_round_trips_any_text():
     column = AttributeColumn.encode(attrs)
     assert len(column) == 5 and column.decode() == [a or {} for a in attrs]
     assert column.offsets[1] == column.offsets[0] == 0  # an empty map costs no bytes
+
+
+def test_attribute_columns_slice_concatenate_and_gather_as_one_json_array():
+    attrs = [{}, {"title": 'a "q", [b]'}, {}, {"ключ": "🎬", "k": ""}, {"t": "x"}, {}]
+    column = AttributeColumn.encode(attrs)
+    parts = [column.rows(0, 2), column.rows(2, 2), column.rows(2, 5), column.rows(5, 6)]
+    assert [p.decode() for p in parts] == [attrs[0:2], [], attrs[2:5], attrs[5:6]]
+    joined = AttributeColumn.concat(parts)
+    assert joined.decode() == attrs and joined.offsets.tolist() == column.offsets.tolist()
+    rows, text = joined.json_array()
+    assert rows.tolist() == [1, 3, 4] and json.loads(text) == [attrs[i] for i in (1, 3, 4)]
+    compact = json.dumps([attrs[i] for i in (1, 3, 4)], separators=(",", ":"), ensure_ascii=False)
+    assert text == compact.encode()
+    none, empty = AttributeColumn.encode([{}, None]).json_array()
+    assert none.tolist() == [] and empty == b""
+    assert AttributeColumn.concat([]).json_array()[1] == b""
+    with mock.patch.object(corpus_rows, "_GATHER_ROWS", 2):  # gathered in blocks, joined as one array
+        rows, text = joined.json_array()
+    assert rows.tolist() == [1, 3, 4] and json.loads(text) == [attrs[i] for i in (1, 3, 4)]
+
+
+def test_an_attribute_column_of_rows_is_their_encoded_attributes():
+    posts = list(range(1, 9))
+    attrs = [{"t": str(p)} if p % 3 else {} for p in posts]
+    rows = CorpusRows.from_columns(1, FP, D, np.array(posts), np.zeros(8, np.int64), attrs)
+    which = np.array([7, 0, 2, 2, 5], np.int64)
+    column = rows.attribute_column(which)
+    assert column.decode() == rows.attributes(which) == [attrs[i] for i in which.tolist()]
+    assert len(rows.attribute_column(np.zeros(0, np.int64))) == 0
 
 
 @pytest.mark.parametrize("announced", [False, True])

@@ -246,6 +246,17 @@ def test_attributes_follow_upserts_replacements_deletes_and_reused_rows():
     assert got == expected
 
 
+def test_a_shards_search_keeps_the_hits_attributes_encoded():
+    index, _, posts, _, _ = make(n=6)
+    index.apply_delta(delta(4, [500, 501], attrs=[{"t": "new"}, {}]))
+    queries = [q(np.ones(D, np.float32), 10, posts=[int(posts[0])]), q(-np.ones(D, np.float32), 3)]
+    decoded = index.search(queries)
+    encoded = index.search(queries, encoded=True)
+    for d, e in zip(decoded, encoded, strict=True):
+        assert isinstance(e.attributes, AttributeColumn) and len(e.attributes) == len(e.post_ids)
+        assert e.attributes.decode() == d.attributes and e.hits == d.hits
+
+
 def test_snapshot_arrays_are_copied_unless_handed_over():
     posts, authors = np.array([1, 2, 3], np.int64), np.array([7, 7, 8], np.int64)
     emb = torch.eye(3, D)

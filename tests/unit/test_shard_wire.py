@@ -20,6 +20,7 @@ from retrieval_gateway.shard_client import (
     score_response,
 )
 from shared import codec
+from shared.corpus_rows import AttributeColumn
 from shared.errors import InvalidInput, ModelMismatch
 
 MODEL = "model-a"
@@ -51,6 +52,20 @@ def test_columns_round_trip_every_query_with_its_attributes():
         assert got.author_ids.tolist() == want.author_ids.tolist()
         assert got.scores.tolist() == want.scores.tolist()
         assert [dict(a) for a in got.attributes] == [dict(a) for a in want.attributes]
+
+
+def test_attributes_still_encoded_go_out_as_they_were_stored():
+    encoded = [
+        SearchResult(
+            r.post_ids, r.author_ids, r.scores, AttributeColumn.encode(r.attributes), r.version, r.fingerprint
+        )
+        for r in RESULTS
+    ]  # fmt: skip  (the index's search with encoded=True: a shard's results)
+    wire = score_response(encoded, shard_index=1, version=3, fingerprint=MODEL)
+    decoded = score_response(RESULTS, shard_index=1, version=3, fingerprint=MODEL)
+    assert wire == decoded  # the same answer, byte for byte
+    hits = hits_from_response(type(wire).FromString(wire.SerializeToString()), queries=len(RESULTS))
+    assert [[dict(a) for a in h.attributes] for h in hits] == [r.attributes for r in RESULTS]
 
 
 def test_a_router_reads_the_answer_of_a_shard_of_the_previous_release():
