@@ -4,7 +4,9 @@ turns (--rounds of them, the order reversed every other round) with the same req
 c=8; plus the router's merge alone (S lists of k=1000 -> the top 1000).
 
 The fan-out adds a hop (router -> shards) and a merge; on one machine the shards also share the CPUs
-with everything else, so the figure is an upper bound of what separate machines would pay.
+with everything else, so the figure is an upper bound of what separate machines would pay. Each
+level also prints the CPU time per request of every process (user_service and the load generator
+included): where the CPUs are saturated (c=8 on two cores), that is what sets the p50.
 
     .venv/bin/python bench/shard_bench.py --quick          # 100k items, S=2, ~2.5 minutes
     .venv/bin/python bench/shard_bench.py                  # 1M items, S=2
