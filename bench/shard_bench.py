@@ -33,6 +33,7 @@ from bench.e2e_bench import WARM_UP_REQUESTS, drive
 from bench.loadgen import LoadResult
 from retrieval_gateway.sharding import ShardHits, merge_hits
 from shared.progress import print_above, progress_over
+from shared.threads import usable_cpus
 
 
 class _ThisProcess:
@@ -150,6 +151,17 @@ def measure_level(
     print_above(
         f"  c={c:3d} router p50 - unsharded p50 = {row['p50_added_ms']:+.2f} ms, median of "
         f"{args.rounds} rounds ({', '.join(f'{x:+.1f}' for x in added)}) (target <= 2)"
+    )
+    # Where the CPUs are the bottleneck, QPS ~ cores / CPU per request and p50 ~ c / QPS: the fan-out's
+    # extra CPU per request, times c / cores, is the p50 it adds (an estimate, printed beside the
+    # measurement; at c=1 the CPUs are not saturated and it does not apply).
+    single_cpu, routed_cpu = (sum(row[name]["cpu_ms_per_request"].values()) for name in names)
+    extra, cpus = routed_cpu - single_cpu, usable_cpus()
+    row["cpu_added_ms_per_request"] = round(extra, 3)
+    row["p50_added_if_cpu_bound_ms"] = round(c * extra / cpus, 3)
+    print_above(
+        f"  c={c:3d} the fan-out's CPU per request: {extra:+.2f} ms; if the {cpus} CPUs are the bottleneck, "
+        f"that adds c x {extra:.2f} / {cpus} = {row['p50_added_if_cpu_bound_ms']:+.2f} ms of p50"
     )
     return row
 

@@ -119,8 +119,11 @@ def test_shard_bench_stages_from_two_scrapes():
     router_after = {
         f'{lat}_sum{{stage="total"}}': 1.2, f'{lat}_count{{stage="total"}}': 20.0,  # 10 calls, 20 ms
         f"{batch}_sum": 0.15, f"{batch}_count": 10.0,
+        "twotower_gateway_batch_size_sum": 44.0, "twotower_gateway_batch_size_count": 10.0,
     }  # fmt: skip
     shard_after = {rpc.replace("{", "_sum{", 1): 0.08, rpc.replace("{", "_count{", 1): 10.0}
     got = stages([(router_before, router_after), ({}, shard_after)])
     assert got["total"] == 20.0 and got["batch"] == 15.0 and got["shard0_ScoreShard"] == 8.0
+    assert got["queries_per_batch"] == 4.4  # a mean of queries, not scaled to ms
     assert got["user_encode"] is None  # nothing observed: no figure, not a zero
+    assert stages([({}, {})])["queries_per_batch"] is None
