@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import e2e_corpus
-from bench.common import ServiceProcess, machine_info, mean_ms, wait_serving, write_json
+from bench.common import ServiceProcess, machine_info, mean_ms, metric_delta, wait_serving, write_json
 from bench.e2e_bench import WARM_UP_REQUESTS, drive
 from bench.loadgen import LoadResult
 from retrieval_gateway.sharding import ShardHits, merge_hits
@@ -76,9 +76,10 @@ def merge_timing(shards: int, k: int, reps: int = 200) -> dict[str, float]:
 
 def stages(scrapes: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, float | None]:
     """Where a request's time went, from the services' own histograms (before, after one level): the
-    gateway's (or router's) stages, then, for a router, each shard's ScoreShard handling (decode, scan,
-    encode). A router's "batch" (its fan-out) minus a shard's "ScoreShard" is the hop: gRPC both ways.
-    "scoring" is "batch" plus the wait for a batch to form."""
+    gateway's (or router's) stages and its mean queries per scoring batch, then, for a router, each
+    shard's ScoreShard handling (decode, scan, encode). A router's "batch" (its fan-out) minus a
+    shard's "ScoreShard" is the hop: gRPC both ways. "scoring" is "batch" plus the wait for a batch to
+    form."""
     lat = "twotower_gateway_latency_seconds"
     (gb, ga), shards = scrapes[0], scrapes[1:]
     out = {
@@ -87,12 +88,14 @@ def stages(scrapes: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str
         "scoring": mean_ms(ga, gb, lat, '{stage="scoring"}'),
         "batch": mean_ms(ga, gb, "twotower_gateway_batch_compute_seconds"),  # a router's: the fan-out
     }
-    size = mean_ms(ga, gb, "twotower_gateway_batch_size")  # (a mean of queries, not of ms)
-    sizes = {"queries_per_batch": None if size is None else size / 1e3}
+    batches = metric_delta(ga, gb, "twotower_gateway_batch_size_count")
+    out["queries_per_batch"] = (
+        metric_delta(ga, gb, "twotower_gateway_batch_size_sum") / batches if batches else None
+    )
     method = '{method="/twotower.v1.ShardScorer/ScoreShard"}'
     for i, (sb, sa) in enumerate(shards):
         out[f"shard{i}_ScoreShard"] = mean_ms(sa, sb, "twotower_rpc_seconds", method)
-    return {k: None if v is None else round(v, 3) for k, v in {**out, **sizes}.items()}
+    return {k: None if v is None else round(v, 3) for k, v in out.items()}
 
 
 def measure_level(
