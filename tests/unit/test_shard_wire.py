@@ -60,10 +60,10 @@ def test_attributes_still_encoded_go_out_as_they_were_stored():
             r.post_ids, r.author_ids, r.scores, AttributeColumn.encode(r.attributes), r.version, r.fingerprint
         )
         for r in RESULTS
-    ]  # fmt: skip  (the index's search with encoded=True: a shard's results)
+    ]  # what the index's search with encoded=True gives a shard
     wire = score_response(encoded, shard_index=1, version=3, fingerprint=MODEL)
     decoded = score_response(RESULTS, shard_index=1, version=3, fingerprint=MODEL)
-    assert wire == decoded  # the same answer, byte for byte
+    assert wire == decoded and wire.hits.attributes_json == decoded.hits.attributes_json  # byte for byte
     hits = hits_from_response(type(wire).FromString(wire.SerializeToString()), queries=len(RESULTS))
     assert [[dict(a) for a in h.attributes] for h in hits] == [r.attributes for r in RESULTS]
 
